@@ -1,0 +1,103 @@
+"""The command line: LightningCLI's ``fit`` / ``validate`` / ``test`` / ``predict``, plus our own subcommands.
+
+Models and data modules are chosen in YAML by short class name (``class_path: TextImageDataModule``)
+or by full import path for classes of other projects. The extra subcommands (``prepare``, ...) are plain
+typed functions run through jsonargparse, so their signatures and docstrings are their ``--help``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+from jsonargparse import ArgumentParser, DefaultHelpFormatter, auto_cli
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningCLI
+
+import lit_dalle  # noqa: F401  (imports the modules, so their short class names resolve in YAML)
+
+EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("lit_dalle.data.prepare:prepare", "convert a folder of images with .txt captions into tar shards"),
+    "convert-openai-dvae": (
+        "lit_dalle.dvae:convert_openai",
+        "convert the released OpenAI dVAE encoder.pkl / decoder.pkl into a DVAE checkpoint",
+    ),
+}
+"""Subcommands beyond LightningCLI's: name -> ("module:function", one-line summary)."""
+
+
+class DalleCLI(LightningCLI):
+    """LightningCLI in subclass mode for lit_dalle's modules (and any subclass of them)."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        """Default the data to ``TextImageDataModule`` (the embedded dataset unless shards are given)."""
+        parser.set_defaults({"data": {"class_path": "lit_dalle.data.TextImageDataModule"}})
+
+
+def _run_extra(name: str, argv: list[str]) -> Any:
+    """Run one of ``EXTRA_COMMANDS`` with its arguments (``--a-b`` is accepted for ``--a_b``)."""
+    target, _ = EXTRA_COMMANDS[name]
+    module, func = target.split(":")
+    fn = getattr(importlib.import_module(module), func)
+    argv = [_underscore_flag(arg) for arg in argv]
+    return auto_cli(fn, args=argv, as_positional=False, prog=f"python -m lit_dalle {name}")
+
+
+def _underscore_flag(arg: str) -> str:
+    """``--from-folder=x`` -> ``--from_folder=x``; values and other arguments are left alone."""
+    if not arg.startswith("--"):
+        return arg
+    flag, sep, value = arg.partition("=")
+    return "--" + flag[2:].replace("-", "_") + sep + value
+
+
+class _KeepLinesFormatter(DefaultHelpFormatter):
+    """Help formatter that keeps the epilog's line breaks (it holds pre-formatted help)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "".join(indent + line for line in text.splitlines(keepends=True))
+
+
+def _data_help() -> str:
+    """The default DataModule's arguments, appended to ``fit --help`` and the other subcommands' help."""
+    from lit_dalle.data import TextImageDataModule
+
+    parser = ArgumentParser(prog="python -m lit_dalle fit", usage="", add_help=False)
+    parser.add_class_arguments(TextImageDataModule, "data")
+    body = parser.format_help().split("\n", 2)[-1]
+    return "The default --data is TextImageDataModule; its arguments (other classes: --data.help CLASS):\n" + body
+
+
+def main(args: list[str] | None = None) -> Any:
+    """Entry point of ``python -m lit_dalle``.
+
+    Args:
+        args: the command line without the program name; None reads ``sys.argv``.
+
+    Returns:
+        The ``DalleCLI`` (LightningCLI subcommands) or the extra subcommand's return value.
+    """
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in EXTRA_COMMANDS:
+        return _run_extra(argv[0], argv[1:])
+    subcommand_kwargs: dict[str, Any] = {}
+    if "-h" in argv or "--help" in argv:
+        epilog = {"epilog": _data_help(), "formatter_class": _KeepLinesFormatter}
+        subcommand_kwargs = {name: epilog for name in ("fit", "validate", "test", "predict")}
+    extra = "; ".join(f"{name}: {summary}" for name, (_, summary) in EXTRA_COMMANDS.items())
+    return DalleCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,  # None: LightningCLI reads sys.argv itself
+        parser_kwargs={
+            "prog": "python -m lit_dalle",
+            "description": "lit_dalle: DALL-E as Lightning modules. Also available, each with its own --help: "
+            + extra
+            + ".",
+            **subcommand_kwargs,
+        },
+        save_config_kwargs={"overwrite": True},
+    )

@@ -1,0 +1,182 @@
+"""A streaming dataset over tar shards, split by rank and by loader worker.
+
+Each epoch, the shard list is shuffled with a seed shared by every rank (seed + epoch), then rank r of W
+takes shards r, r + W, ... and worker k of K of that rank takes every K-th of those. Every shard is read
+by exactly one worker of one rank, so every sample is seen exactly once per epoch (unless
+``samples_per_epoch`` asks for a fixed-length, repeating stream, which keeps ranks in lock step when
+shards hold unequal numbers of samples). Batching happens in the workers; each batch carries the counts
+of the samples its worker skipped since the previous batch, under ``"skipped"``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import random
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from lit_dalle.data.decode import Sample, SkipCounter, decode_sample
+
+log = logging.getLogger(__name__)
+
+
+def key_fraction(key: str) -> float:
+    """Map a sample key to a stable number in [0, 1) (the same on every run, rank and machine)."""
+    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def collate(samples: list[Sample], skipped: dict[str, int]) -> dict[str, Any]:
+    """Stack samples into a batch dict: image uint8 [B, 3, R, R], caption, key, meta, skipped."""
+    return {
+        "image": torch.stack([s.image for s in samples]),
+        "caption": [s.caption for s in samples],
+        "key": [s.key for s in samples],
+        "meta": [s.meta for s in samples],
+        "skipped": skipped,
+    }
+
+
+class ShardDataset(IterableDataset):
+    """Batches of decoded, augmented samples streamed from tar shards.
+
+    Args:
+        shards: shard paths or URLs (already expanded, see ``expand_shards``).
+        transform: maps a uint8 [3, H, W] image to uint8 [3, R, R] (see ``augment.py``).
+        batch_size: samples per batch (the last batch of a worker may be smaller).
+        rank: this process's rank among ``world_size`` data-parallel processes.
+        world_size: number of data-parallel processes reading these shards.
+        shuffle: shuffle shard order each epoch and samples through a buffer.
+        shuffle_buffer: samples held in the shuffle buffer (per worker).
+        seed: base seed of the shard-order shuffle (shared by all ranks, so the split is a partition).
+        key_filter: keep a sample only when this returns True for its key (train / val hash split).
+        min_aspect_ratio: smallest accepted width / height.
+        max_aspect_ratio: largest accepted width / height.
+        samples_per_epoch: when set, each rank yields ``samples_per_epoch // world_size`` samples per
+            epoch from a repeating stream instead of one exact pass.
+    """
+
+    def __init__(
+        self,
+        shards: list[str],
+        transform: Callable[[torch.Tensor], torch.Tensor],
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        key_filter: Callable[[str], bool] | None = None,
+        min_aspect_ratio: float = 0.5,
+        max_aspect_ratio: float = 2.0,
+        samples_per_epoch: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.shards, self.transform, self.batch_size = list(shards), transform, batch_size
+        self.rank, self.world_size = rank, world_size
+        self.shuffle, self.shuffle_buffer, self.seed = shuffle, shuffle_buffer, seed
+        self.key_filter = key_filter
+        self.aspect = (min_aspect_ratio, max_aspect_ratio)
+        self.samples_per_epoch = samples_per_epoch
+        # Shared memory, so that loader workers (forked or spawned) see the epoch the main process set.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch that seeds the shard shuffle (called by ``EpochDataLoader``)."""
+        self._epoch.fill_(epoch)
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank; defined only for a fixed ``samples_per_epoch``."""
+        if self.samples_per_epoch is None:
+            raise TypeError("ShardDataset has no length unless samples_per_epoch is set")
+        per_rank = self.samples_per_epoch // self.world_size
+        return -(-per_rank // self.batch_size)
+
+    def worker_shards(self, worker: int, num_workers: int) -> list[str]:
+        """The shards that loader worker ``worker`` of this rank reads this epoch."""
+        shards = list(self.shards)
+        if self.shuffle:
+            random.Random(self.seed + int(self._epoch)).shuffle(shards)
+        return shards[self.rank :: self.world_size][worker::num_workers]
+
+    def _raw_samples(self, shards: list[str], skips: SkipCounter) -> Iterator[dict[str, Any]]:
+        """Raw samples of the given shards; a truncated or unreadable shard is counted, not fatal."""
+
+        def on_shard_error(exn: Exception) -> bool:
+            url = exn.args[-1] if exn.args else "?"
+            skips.skip("truncated_shard", str(url), f"{type(exn).__name__}: {exn.args[0] if exn.args else ''}")
+            return True  # go on with the next shard
+
+        stream = wds.tarfile_to_samples(handler=on_shard_error)(iter([{"url": url} for url in shards]))
+        return iter(stream)
+
+    def _samples(self, shards: list[str], skips: SkipCounter) -> Iterator[Sample]:
+        """Decoded, filtered, augmented samples of the given shards, in file order."""
+        for raw in self._raw_samples(shards, skips):
+            if self.key_filter is not None and not self.key_filter(raw["__key__"]):
+                continue
+            sample = decode_sample(raw, skips, min_aspect_ratio=self.aspect[0], max_aspect_ratio=self.aspect[1])
+            if sample is not None:
+                sample.image = self.transform(sample.image)
+                yield sample
+
+    def _repeat(self, shards: list[str], skips: SkipCounter) -> Iterator[Sample]:
+        """Pass over the shards again and again; stop if a whole pass yields nothing (all bad)."""
+        while True:
+            produced = 0
+            for sample in self._samples(shards, skips):
+                produced += 1
+                yield sample
+            if produced == 0:
+                log.error("shards %s yielded no valid sample in a whole pass; stopping this worker", shards)
+                return
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Yield batches (see ``collate``) from this worker's shards."""
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        shards = self.worker_shards(worker, num_workers)
+        skips = SkipCounter()
+        if self.samples_per_epoch is None:
+            samples: Iterator[Sample] = self._samples(shards, skips)
+        else:
+            if not shards:  # more workers than shards: this worker idles, the others fill the quota
+                return
+            per_worker = self.samples_per_epoch // self.world_size // num_workers
+            per_worker += int(worker < (self.samples_per_epoch // self.world_size) % num_workers)
+            samples = itertools.islice(self._repeat(shards, skips), per_worker)
+        if self.shuffle and self.shuffle_buffer > 1:
+            rng = random.Random(hash((self.seed, int(self._epoch), self.rank, worker)))
+            samples = wds.filters._shuffle(samples, self.shuffle_buffer, min(100, self.shuffle_buffer), rng)
+        batch: list[Sample] = []
+        for sample in samples:
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                yield collate(batch, skips.take_delta())
+                batch = []
+        if batch:
+            yield collate(batch, skips.take_delta())
+
+
+class EpochDataLoader(DataLoader):
+    """A ``DataLoader`` that advances its ``ShardDataset``'s epoch each time it is iterated.
+
+    Lightning calls ``set_epoch`` only on samplers, which an iterable dataset does not have; workers are
+    started by ``iter()``, so setting the epoch just before is what reshuffles the shard order.
+    """
+
+    def __init__(self, dataset: ShardDataset, **kwargs: Any) -> None:
+        super().__init__(dataset, batch_size=None, **kwargs)
+        self._iterations = 0
+
+    def __iter__(self):
+        self.dataset.set_epoch(self._iterations)
+        self._iterations += 1
+        return super().__iter__()

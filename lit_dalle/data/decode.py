@@ -1,0 +1,155 @@
+"""Turning raw shard members into (image, caption) samples, and counting the ones we skip.
+
+Bad samples never stop training (DESIGN.md, Data): each one is skipped, counted under a reason, and
+warned about at a limited rate. The counts travel with every batch (see ``dataset.py``) so the main
+process can log them as metrics, summed over workers and ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torchvision.io import ImageReadMode, decode_image
+
+from lit_dalle.data.shards import IMAGE_EXTENSIONS
+
+log = logging.getLogger(__name__)
+
+SKIP_REASONS = (
+    "undecodable_image",
+    "missing_image",
+    "missing_caption",
+    "empty_caption",
+    "non_utf8_caption",
+    "aspect_ratio",
+    "truncated_shard",
+)
+"""Every reason a sample (or the rest of a shard) can be skipped for; each becomes a logged metric."""
+
+
+@dataclass
+class Sample:
+    """One decoded sample."""
+
+    key: str
+    """The sample's key (file name without extension inside the shard)."""
+    image: torch.Tensor
+    """uint8 [3, H, W] RGB."""
+    caption: str
+    """The normalised caption."""
+    meta: dict[str, Any] | None
+    """The parsed ``KEY.json`` member, when present and valid."""
+
+
+class SkipCounter:
+    """Counts skipped samples per reason and warns at a limited rate.
+
+    Args:
+        warn_every_s: at most one warning per reason within this many seconds (the first is immediate).
+    """
+
+    def __init__(self, warn_every_s: float = 60.0) -> None:
+        self.counts: Counter[str] = Counter()
+        self._unreported: Counter[str] = Counter()
+        self._last_warned: dict[str, float] = {}
+        self.warn_every_s = warn_every_s
+
+    def skip(self, reason: str, where: str, detail: str = "") -> None:
+        """Record one skipped sample (or shard) and maybe warn."""
+        assert reason in SKIP_REASONS, reason
+        self.counts[reason] += 1
+        self._unreported[reason] += 1
+        now = time.monotonic()
+        if now - self._last_warned.get(reason, -float("inf")) >= self.warn_every_s:
+            self._last_warned[reason] = now
+            log.warning(
+                "skipped %s: %s%s (%d skipped for this reason so far in this worker; "
+                "warnings for it are limited to one per %.0f s)",
+                reason, where, f" ({detail})" if detail else "", self.counts[reason], self.warn_every_s,
+            )  # fmt: skip
+
+    def take_delta(self) -> dict[str, int]:
+        """Return the counts since the last call (what a batch carries to the main process)."""
+        delta = dict(self._unreported)
+        self._unreported.clear()
+        return delta
+
+
+_SPACES = re.compile(r"\s+")
+
+
+def normalize_caption(text: str) -> str:
+    """Lowercase the caption (PAPER.md B.1) and collapse runs of whitespace."""
+    return _SPACES.sub(" ", text).strip().lower()
+
+
+def decode_caption(raw: bytes | str) -> str:
+    """Decode a caption member as strict UTF-8 (raises ``UnicodeDecodeError`` otherwise)."""
+    return raw if isinstance(raw, str) else raw.decode("utf-8")
+
+
+def decode_raw_image(data: bytes) -> torch.Tensor:
+    """Decode JPEG / PNG / WebP bytes into uint8 [3, H, W] RGB with torchvision (raises on bad data)."""
+    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+def decode_sample(
+    raw: dict[str, Any],
+    skips: SkipCounter,
+    *,
+    min_aspect_ratio: float = 0.5,
+    max_aspect_ratio: float = 2.0,
+) -> Sample | None:
+    """Decode one raw WebDataset sample, or count why it was skipped and return None.
+
+    Args:
+        raw: ``{"__key__", "__url__", "<ext>": bytes, ...}`` as ``tarfile_to_samples`` yields it.
+        skips: where skipped samples are counted.
+        min_aspect_ratio: smallest accepted width / height (the paper filters outside [1/2, 2], F).
+        max_aspect_ratio: largest accepted width / height.
+    """
+    key = raw.get("__key__", "?")
+    where = f"{raw.get('__url__', '?')}:{key}"
+    image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
+    if image_ext is None:
+        skips.skip("missing_image", where)
+        return None
+    if "txt" not in raw:
+        skips.skip("missing_caption", where)
+        return None
+    try:
+        caption = normalize_caption(decode_caption(raw["txt"]))
+    except UnicodeDecodeError as err:
+        skips.skip("non_utf8_caption", where, str(err))
+        return None
+    if not caption:
+        skips.skip("empty_caption", where)
+        return None
+    try:
+        image = decode_raw_image(raw[image_ext])
+    except (RuntimeError, ValueError) as err:
+        skips.skip("undecodable_image", where, str(err).splitlines()[-1][:120])
+        return None
+    height, width = image.shape[-2:]
+    if not min_aspect_ratio <= width / height <= max_aspect_ratio:
+        skips.skip("aspect_ratio", where, f"{width}x{height}")
+        return None
+    return Sample(key=key, image=image, caption=caption, meta=_parse_meta(raw.get("json")))
+
+
+def _parse_meta(raw: bytes | None) -> dict[str, Any] | None:
+    """Parse the optional ``KEY.json`` member; metadata is optional, so a bad one is just dropped."""
+    if raw is None:
+        return None
+    try:
+        meta = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return meta if isinstance(meta, dict) else None
