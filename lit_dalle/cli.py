@@ -11,11 +11,14 @@ import importlib
 import sys
 from typing import Any
 
-from jsonargparse import ArgumentParser, DefaultHelpFormatter, auto_cli
+from jsonargparse import ArgumentParser, DefaultHelpFormatter, auto_cli, set_parsing_settings
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
 import lit_dalle  # noqa: F401  (imports the modules, so their short class names resolve in YAML)
+
+# Dataclass fields documented by a string under them (EmbeddedShapes, ...) get that string as their help.
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("lit_dalle.data.prepare:prepare", "convert a folder of images with .txt captions into tar shards"),
@@ -83,9 +86,9 @@ def main(args: list[str] | None = None) -> Any:
         return _run_extra(argv[0], argv[1:])
     subcommand_kwargs: dict[str, Any] = {}
     if "-h" in argv or "--help" in argv:
-        epilog = {"epilog": _data_help(), "formatter_class": _KeepLinesFormatter}
+        epilog = {"epilog": _data_help()}
         subcommand_kwargs = {name: epilog for name in ("fit", "validate", "test", "predict")}
-    extra = "; ".join(f"{name}: {summary}" for name, (_, summary) in EXTRA_COMMANDS.items())
+    extra = "".join(f"\n  {name:22s}{summary}" for name, (_, summary) in EXTRA_COMMANDS.items())
     return DalleCLI(
         LightningModule,
         LightningDataModule,
@@ -94,9 +97,9 @@ def main(args: list[str] | None = None) -> Any:
         args=args,  # None: LightningCLI reads sys.argv itself
         parser_kwargs={
             "prog": "python -m lit_dalle",
-            "description": "lit_dalle: DALL-E as Lightning modules. Also available, each with its own --help: "
-            + extra
-            + ".",
+            "description": "lit_dalle: DALL-E as Lightning modules.\n\nMore subcommands, each with its own --help:"
+            + extra,
+            "formatter_class": _KeepLinesFormatter,
             **subcommand_kwargs,
         },
         save_config_kwargs={"overwrite": True},

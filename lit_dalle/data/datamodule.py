@@ -9,7 +9,6 @@ the embedded shapes dataset is generated into the cache (``embedded.py``) and us
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
@@ -111,7 +110,7 @@ class TextImageDataModule(L.LightningDataModule):
         self.aspect = {"min_aspect_ratio": min_aspect_ratio, "max_aspect_ratio": max_aspect_ratio}
         self.embedded = replace(embedded, resolution=embedded.resolution or resolution)
         self.shards: dict[str, list[str]] = {}
-        self.skipped: dict[str, Counter[str]] = {"train": Counter(), "val": Counter(), "test": Counter()}
+        self._datasets: dict[str, ShardDataset] = {}
 
     # -- preparation ---------------------------------------------------------------------------------
 
@@ -181,7 +180,9 @@ class TextImageDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         """A loader over one split, with this module's worker settings."""
-        dataset = self._dataset(split, train)
+        dataset = self._datasets["train" if train else "val" if split == "val" else "test"] = self._dataset(
+            split, train
+        )
         workers = self.num_workers
         return EpochDataLoader(
             dataset,
@@ -209,22 +210,20 @@ class TextImageDataModule(L.LightningDataModule):
         """Prediction batches: the same data as ``test_dataloader``."""
         return self.test_dataloader()
 
+    def skip_counts(self, stage: Literal["train", "val", "test"] = "train") -> dict[str, int]:
+        """Samples skipped so far by this rank's current loader of ``stage``, per reason."""
+        dataset = self._datasets.get(stage)
+        return dataset.skip_counts() if dataset is not None else {}
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Turn uint8 images into float [0, 1] on the device and collect the skipped-sample counts."""
-        if isinstance(batch, dict) and "image" in batch:
-            skipped = batch.pop("skipped", None) or {}
-            stage = _stage_key(self.trainer)
-            self.skipped[stage].update(skipped)
-            if batch["image"].dtype == torch.uint8:
-                batch["image"] = batch["image"].float().div_(255)
+        """Turn uint8 images into float [0, 1] on the device (a quarter of the bytes cross the bus)."""
+        if (
+            isinstance(batch, dict)
+            and isinstance(batch.get("image"), torch.Tensor)
+            and batch["image"].dtype == torch.uint8
+        ):
+            batch["image"] = batch["image"].float().div_(255)
         return batch
-
-
-def _stage_key(trainer: Any) -> str:
-    """Which skip counter a batch belongs to."""
-    if trainer is None or trainer.training:
-        return "train"
-    return "test" if trainer.testing or trainer.predicting else "val"
 
 
 def _check_positive(**values: int) -> None:
@@ -245,7 +244,7 @@ class SkippedSamplesLogger(L.Callback):
         datamodule = trainer.datamodule
         if not isinstance(datamodule, TextImageDataModule):
             return
-        counts = datamodule.skipped[stage]
+        counts = datamodule.skip_counts(stage)  # type: ignore[arg-type]
         prefix = "data/skipped_" if stage == "train" else f"data/{stage}_skipped_"
         values = {f"{prefix}{reason}": float(counts.get(reason, 0)) for reason in SKIP_REASONS}
         values[f"{prefix}total"] = float(sum(counts.values()))

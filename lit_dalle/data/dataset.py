@@ -4,8 +4,9 @@ Each epoch, the shard list is shuffled with a seed shared by every rank (seed + 
 takes shards r, r + W, ... and worker k of K of that rank takes every K-th of those. Every shard is read
 by exactly one worker of one rank, so every sample is seen exactly once per epoch (unless
 ``samples_per_epoch`` asks for a fixed-length, repeating stream, which keeps ranks in lock step when
-shards hold unequal numbers of samples). Batching happens in the workers; each batch carries the counts
-of the samples its worker skipped since the previous batch, under ``"skipped"``.
+shards hold unequal numbers of samples). Batching happens in the workers. Skipped samples are counted
+in a shared-memory table with one row per worker (no two writers share a row), which the main process
+reads with ``skip_counts()``.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from lit_dalle.data.decode import Sample, SkipCounter, decode_sample
+from lit_dalle.data.decode import SKIP_REASONS, Sample, SkipCounter, decode_sample
 
 log = logging.getLogger(__name__)
+
+_MAX_WORKERS = 256  # rows of the shared skip table; workers beyond this share rows (counts may then race)
 
 
 def key_fraction(key: str) -> float:
@@ -32,14 +35,13 @@ def key_fraction(key: str) -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
-def collate(samples: list[Sample], skipped: dict[str, int]) -> dict[str, Any]:
-    """Stack samples into a batch dict: image uint8 [B, 3, R, R], caption, key, meta, skipped."""
+def collate(samples: list[Sample]) -> dict[str, Any]:
+    """Stack samples into a batch dict: image uint8 [B, 3, R, R], caption, key, meta."""
     return {
         "image": torch.stack([s.image for s in samples]),
         "caption": [s.caption for s in samples],
         "key": [s.key for s in samples],
         "meta": [s.meta for s in samples],
-        "skipped": skipped,
     }
 
 
@@ -87,6 +89,11 @@ class ShardDataset(IterableDataset):
         self.samples_per_epoch = samples_per_epoch
         # Shared memory, so that loader workers (forked or spawned) see the epoch the main process set.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._skips = torch.zeros(_MAX_WORKERS, len(SKIP_REASONS), dtype=torch.int64).share_memory_()
+
+    def skip_counts(self) -> dict[str, int]:
+        """Samples skipped so far, per reason, summed over this rank's workers (cumulative)."""
+        return {reason: int(n) for reason, n in zip(SKIP_REASONS, self._skips.sum(0)) if n > 0}
 
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch that seeds the shard shuffle (called by ``EpochDataLoader``)."""
@@ -100,22 +107,35 @@ class ShardDataset(IterableDataset):
         return -(-per_rank // self.batch_size)
 
     def worker_shards(self, worker: int, num_workers: int) -> list[str]:
-        """The shards that loader worker ``worker`` of this rank reads this epoch."""
+        """The shards that loader worker ``worker`` of this rank reads this epoch.
+
+        In an exact pass a worker may get none (more readers than shards). With ``samples_per_epoch`` every
+        reader needs a stream, so a worker without shards of its own re-reads one of its rank's, and a rank
+        without shards re-reads one of the whole list: samples may then repeat within the epoch.
+        """
         shards = list(self.shards)
         if self.shuffle:
             random.Random(self.seed + int(self._epoch)).shuffle(shards)
-        return shards[self.rank :: self.world_size][worker::num_workers]
+        rank_shards = shards[self.rank :: self.world_size]
+        if self.samples_per_epoch is not None and not rank_shards:
+            rank_shards = [shards[self.rank % len(shards)]]
+        mine = rank_shards[worker::num_workers]
+        if self.samples_per_epoch is not None and not mine:
+            mine = [rank_shards[worker % len(rank_shards)]]
+        return mine
 
     def _raw_samples(self, shards: list[str], skips: SkipCounter) -> Iterator[dict[str, Any]]:
-        """Raw samples of the given shards; a truncated or unreadable shard is counted, not fatal."""
+        """Raw samples of the given shards; a truncated or unreadable shard is counted once, not fatal."""
+        for url in shards:
+            errors: list[Exception] = []
 
-        def on_shard_error(exn: Exception) -> bool:
-            url = exn.args[-1] if exn.args else "?"
-            skips.skip("truncated_shard", str(url), f"{type(exn).__name__}: {exn.args[0] if exn.args else ''}")
-            return True  # go on with the next shard
+            def on_error(exn: Exception, errors: list[Exception] = errors) -> bool:
+                errors.append(exn)
+                return True  # keep what was read, go on with the next shard
 
-        stream = wds.tarfile_to_samples(handler=on_shard_error)(iter([{"url": url} for url in shards]))
-        return iter(stream)
+            yield from wds.tarfile_to_samples(handler=on_error)(iter([{"url": url}]))
+            if errors:
+                skips.skip("truncated_shard", url, f"{type(errors[0]).__name__}: {errors[0].args[0]}")
 
     def _samples(self, shards: list[str], skips: SkipCounter) -> Iterator[Sample]:
         """Decoded, filtered, augmented samples of the given shards, in file order."""
@@ -143,12 +163,10 @@ class ShardDataset(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         shards = self.worker_shards(worker, num_workers)
-        skips = SkipCounter()
+        skips = SkipCounter(sink=self._skips[worker % _MAX_WORKERS])
         if self.samples_per_epoch is None:
             samples: Iterator[Sample] = self._samples(shards, skips)
         else:
-            if not shards:  # more workers than shards: this worker idles, the others fill the quota
-                return
             per_worker = self.samples_per_epoch // self.world_size // num_workers
             per_worker += int(worker < (self.samples_per_epoch // self.world_size) % num_workers)
             samples = itertools.islice(self._repeat(shards, skips), per_worker)
@@ -159,10 +177,10 @@ class ShardDataset(IterableDataset):
         for sample in samples:
             batch.append(sample)
             if len(batch) == self.batch_size:
-                yield collate(batch, skips.take_delta())
+                yield collate(batch)
                 batch = []
         if batch:
-            yield collate(batch, skips.take_delta())
+            yield collate(batch)
 
 
 class EpochDataLoader(DataLoader):

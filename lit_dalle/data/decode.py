@@ -7,6 +7,7 @@ process can log them as metrics, summed over workers and ranks.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
@@ -15,8 +16,9 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_image
+from PIL import Image
 
 from lit_dalle.data.shards import IMAGE_EXTENSIONS
 
@@ -53,19 +55,22 @@ class SkipCounter:
 
     Args:
         warn_every_s: at most one warning per reason within this many seconds (the first is immediate).
+        sink: optional int64 [len(SKIP_REASONS)] tensor (a row of shared memory) that each skip adds to,
+            so that a loader worker's counts reach the main process.
     """
 
-    def __init__(self, warn_every_s: float = 60.0) -> None:
+    def __init__(self, warn_every_s: float = 60.0, sink: torch.Tensor | None = None) -> None:
         self.counts: Counter[str] = Counter()
-        self._unreported: Counter[str] = Counter()
         self._last_warned: dict[str, float] = {}
         self.warn_every_s = warn_every_s
+        self.sink = sink
 
     def skip(self, reason: str, where: str, detail: str = "") -> None:
         """Record one skipped sample (or shard) and maybe warn."""
         assert reason in SKIP_REASONS, reason
         self.counts[reason] += 1
-        self._unreported[reason] += 1
+        if self.sink is not None:
+            self.sink[SKIP_REASONS.index(reason)] += 1
         now = time.monotonic()
         if now - self._last_warned.get(reason, -float("inf")) >= self.warn_every_s:
             self._last_warned[reason] = now
@@ -74,12 +79,6 @@ class SkipCounter:
                 "warnings for it are limited to one per %.0f s)",
                 reason, where, f" ({detail})" if detail else "", self.counts[reason], self.warn_every_s,
             )  # fmt: skip
-
-    def take_delta(self) -> dict[str, int]:
-        """Return the counts since the last call (what a batch carries to the main process)."""
-        delta = dict(self._unreported)
-        self._unreported.clear()
-        return delta
 
 
 _SPACES = re.compile(r"\s+")
@@ -96,8 +95,17 @@ def decode_caption(raw: bytes | str) -> str:
 
 
 def decode_raw_image(data: bytes) -> torch.Tensor:
-    """Decode JPEG / PNG / WebP bytes into uint8 [3, H, W] RGB with torchvision (raises on bad data)."""
-    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    """Decode JPEG / PNG / WebP bytes into uint8 [3, H, W] RGB (raises ``ValueError`` on bad data).
+
+    Pillow, not ``torchvision.io``: torchvision 0.29 deprecates its decoders (for torchcodec), and Pillow
+    raises on truncated files instead of returning a partly grey image.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            array = np.asarray(image.convert("RGB"))
+    except (OSError, SyntaxError, Image.DecompressionBombError) as err:  # Pillow's errors for bad files
+        raise ValueError(f"cannot decode image: {err}") from err
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
 def decode_sample(
@@ -134,7 +142,7 @@ def decode_sample(
         return None
     try:
         image = decode_raw_image(raw[image_ext])
-    except (RuntimeError, ValueError) as err:
+    except ValueError as err:
         skips.skip("undecodable_image", where, str(err).splitlines()[-1][:120])
         return None
     height, width = image.shape[-2:]

@@ -68,7 +68,7 @@ def _records(pairs: list[tuple[Path, Path]], root: Path, stats: dict[str, Any]) 
         data = image_path.read_bytes()
         try:
             decode_raw_image(data)
-        except (RuntimeError, ValueError) as err:
+        except ValueError as err:
             log.warning("skipping unreadable image %s: %s", image_path, str(err).splitlines()[-1][:100])
             stats["unreadable"].append(str(image_path))
             continue
