@@ -12,8 +12,9 @@ Both take a uint8 [3, H, W] image and return a uint8 [3, R, R] one (R = ``resolu
 
 Resizing follows the paper's TensorFlow ``ResizeMethod.AREA`` when shrinking (exact box averaging,
 ``interpolate(mode="area")``) and is bilinear when enlarging (area resampling is undefined there); the
-result is clipped, rounded and cast to uint8 as in the listings. Images smaller than R are enlarged to R,
-where the listings would fail.
+result is clipped, rounded and cast to uint8 as in the listings. Each recipe names the smallest image
+side it can use (``min_side``), so large JPEGs can be decoded at a reduced DCT scale. Images smaller
+than R are enlarged to R, where the listings would fail.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class DVAEAugment:
 
     def __init__(self, resolution: int, min_scale: float = 9 / 8, max_scale: float = 12 / 8, flip: bool = True) -> None:
         self.resolution, self.min_scale, self.max_scale, self.flip = resolution, min_scale, max_scale, flip
+        self.min_side = round(max_scale * resolution)  # no decoded side smaller than this is ever needed
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Augment one uint8 [3, H, W] image into uint8 [3, R, R]."""
@@ -84,6 +86,7 @@ class PriorAugment:
 
     def __init__(self, resolution: int, max_scale: float = 9 / 8) -> None:
         self.resolution, self.max_scale = resolution, max_scale
+        self.min_side = round(max_scale * resolution)  # no decoded side smaller than this is ever needed
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Augment one uint8 [3, H, W] image into uint8 [3, R, R]."""
@@ -111,6 +114,7 @@ class CenterResize:
 
     def __init__(self, resolution: int) -> None:
         self.resolution = resolution
+        self.min_side = resolution
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Crop the centre square of a uint8 [3, H, W] image and resize it to uint8 [3, R, R]."""

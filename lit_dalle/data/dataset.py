@@ -142,7 +142,10 @@ class ShardDataset(IterableDataset):
         for raw in self._raw_samples(shards, skips):
             if self.key_filter is not None and not self.key_filter(raw["__key__"]):
                 continue
-            sample = decode_sample(raw, skips, min_aspect_ratio=self.aspect[0], max_aspect_ratio=self.aspect[1])
+            min_side = getattr(self.transform, "min_side", None)
+            sample = decode_sample(
+                raw, skips, min_aspect_ratio=self.aspect[0], max_aspect_ratio=self.aspect[1], min_side=min_side
+            )
             if sample is not None:
                 sample.image = self.transform(sample.image)
                 yield sample

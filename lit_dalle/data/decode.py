@@ -94,14 +94,21 @@ def decode_caption(raw: bytes | str) -> str:
     return raw if isinstance(raw, str) else raw.decode("utf-8")
 
 
-def decode_raw_image(data: bytes) -> torch.Tensor:
+def decode_raw_image(data: bytes, min_side: int | None = None) -> torch.Tensor:
     """Decode JPEG / PNG / WebP bytes into uint8 [3, H, W] RGB (raises ``ValueError`` on bad data).
 
     Pillow, not ``torchvision.io``: torchvision 0.29 deprecates its decoders (for torchcodec), and Pillow
     raises on truncated files instead of returning a partly grey image.
+
+    Args:
+        data: the encoded image.
+        min_side: when given, a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (DCT scaling, much faster)
+            as long as both sides stay >= ``min_side``: the augmentation shrinks it further anyway.
     """
     try:
         with Image.open(io.BytesIO(data)) as image:
+            if min_side is not None and image.format == "JPEG":
+                image.draft("RGB", (min_side, min_side))
             array = np.asarray(image.convert("RGB"))
     except (OSError, SyntaxError, Image.DecompressionBombError) as err:  # Pillow's errors for bad files
         raise ValueError(f"cannot decode image: {err}") from err
@@ -114,6 +121,7 @@ def decode_sample(
     *,
     min_aspect_ratio: float = 0.5,
     max_aspect_ratio: float = 2.0,
+    min_side: int | None = None,
 ) -> Sample | None:
     """Decode one raw WebDataset sample, or count why it was skipped and return None.
 
@@ -122,6 +130,7 @@ def decode_sample(
         skips: where skipped samples are counted.
         min_aspect_ratio: smallest accepted width / height (the paper filters outside [1/2, 2], F).
         max_aspect_ratio: largest accepted width / height.
+        min_side: the smallest image side the augmentation needs (lets large JPEGs decode faster).
     """
     key = raw.get("__key__", "?")
     where = f"{raw.get('__url__', '?')}:{key}"
@@ -141,7 +150,7 @@ def decode_sample(
         skips.skip("empty_caption", where)
         return None
     try:
-        image = decode_raw_image(raw[image_ext])
+        image = decode_raw_image(raw[image_ext], min_side)
     except ValueError as err:
         skips.skip("undecodable_image", where, str(err).splitlines()[-1][:120])
         return None

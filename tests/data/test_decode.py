@@ -1,9 +1,12 @@
 """Bad samples are skipped and counted per reason; a truncated shard does not stop the stream."""
 
+import io
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import good_record, image_bytes
+from PIL import Image
 
 from lit_dalle.data.augment import CenterResize
 from lit_dalle.data.dataset import ShardDataset
@@ -88,3 +91,20 @@ def test_optional_json_metadata(meta):
         record["json"] = meta
     sample = decode_sample(record, SkipCounter())
     assert sample is not None and sample.meta == ({"a": 1} if meta == b'{"a": 1}' else None)
+
+
+def test_large_jpegs_decode_at_reduced_scale_but_never_below_what_the_recipe_needs():
+    from lit_dalle.data.augment import resize_square
+    from lit_dalle.data.decode import decode_raw_image
+
+    y, x = torch.meshgrid(torch.arange(512), torch.arange(512), indexing="ij")
+    smooth = torch.stack([x // 2, y // 2, (x + y) // 4]).to(torch.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(smooth.permute(1, 2, 0).numpy()).save(buf, "JPEG", quality=95)
+    full, reduced = decode_raw_image(buf.getvalue()), decode_raw_image(buf.getvalue(), min_side=96)
+    assert full.shape == (3, 512, 512) and reduced.shape == (3, 128, 128)  # 1/4 DCT scale: 128 >= 96
+    diff = (resize_square(full, 128).float() - reduced.float()).abs().mean()
+    assert diff < 2.0  # the same picture, within JPEG noise
+    png = io.BytesIO()
+    Image.fromarray(smooth.permute(1, 2, 0).numpy()).save(png, "PNG")
+    assert decode_raw_image(png.getvalue(), min_side=96).shape == (3, 512, 512)  # only JPEG has DCT scaling
