@@ -22,6 +22,10 @@ set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("lit_dalle.data.prepare:prepare", "convert a folder of images with .txt captions into tar shards"),
+    "train-tokenizer": (
+        "lit_dalle.text:train_tokenizer",
+        "train the caption BPE tokenizer on the captions of tar shards",
+    ),
     "convert-openai-dvae": (
         "lit_dalle.dvae:convert_openai",
         "convert the released OpenAI dVAE encoder.pkl / decoder.pkl into a DVAE checkpoint",
