@@ -36,9 +36,13 @@ def key_fraction(key: str) -> float:
 
 
 def collate(samples: list[Sample]) -> dict[str, Any]:
-    """Stack samples into a batch dict: image uint8 [B, 3, R, R], caption, key, meta."""
+    """Stack samples into a batch dict: image uint8 [B, 3, R, R] (or image_tokens [B, h, w]), caption, key, meta."""
+    if samples[0].tokens is not None:
+        visual = {"image_tokens": torch.stack([s.tokens for s in samples])}  # type: ignore[misc]
+    else:
+        visual = {"image": torch.stack([s.image for s in samples])}  # type: ignore[misc]
     return {
-        "image": torch.stack([s.image for s in samples]),
+        **visual,
         "caption": [s.caption for s in samples],
         "key": [s.key for s in samples],
         "meta": [s.meta for s in samples],
@@ -147,7 +151,8 @@ class ShardDataset(IterableDataset):
                 raw, skips, min_aspect_ratio=self.aspect[0], max_aspect_ratio=self.aspect[1], min_side=min_side
             )
             if sample is not None:
-                sample.image = self.transform(sample.image)
+                if sample.image is not None:  # pre-tokenized samples were cropped when tokenized
+                    sample.image = self.transform(sample.image)
                 yield sample
 
     def _repeat(self, shards: list[str], skips: SkipCounter) -> Iterator[Sample]:

@@ -36,18 +36,24 @@ SKIP_REASONS = (
 """Every reason a sample (or the rest of a shard) can be skipped for; each becomes a logged metric."""
 
 
+TOKENS_MEMBER = "tokens.npy"
+"""Pre-tokenized shards (``python -m lit_dalle tokenize``) hold ``KEY.tokens.npy`` in place of an image."""
+
+
 @dataclass
 class Sample:
     """One decoded sample."""
 
     key: str
     """The sample's key (file name without extension inside the shard)."""
-    image: torch.Tensor
-    """uint8 [3, H, W] RGB."""
+    image: torch.Tensor | None
+    """uint8 [3, H, W] RGB; None for a pre-tokenized sample."""
     caption: str
     """The normalised caption."""
     meta: dict[str, Any] | None
     """The parsed ``KEY.json`` member, when present and valid."""
+    tokens: torch.Tensor | None = None
+    """Image tokens LongTensor [h, w] of a pre-tokenized sample, else None."""
 
 
 class SkipCounter:
@@ -135,7 +141,7 @@ def decode_sample(
     key = raw.get("__key__", "?")
     where = f"{raw.get('__url__', '?')}:{key}"
     image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
-    if image_ext is None:
+    if image_ext is None and TOKENS_MEMBER not in raw:
         skips.skip("missing_image", where)
         return None
     if "txt" not in raw:
@@ -149,6 +155,14 @@ def decode_sample(
     if not caption:
         skips.skip("empty_caption", where)
         return None
+    meta = _parse_meta(raw.get("json"))
+    if image_ext is None:
+        try:
+            tokens = torch.from_numpy(np.load(io.BytesIO(raw[TOKENS_MEMBER])).astype(np.int64))
+        except ValueError as err:
+            skips.skip("undecodable_image", where, f"bad {TOKENS_MEMBER}: {err}")
+            return None
+        return Sample(key=key, image=None, caption=caption, meta=meta, tokens=tokens)
     try:
         image = decode_raw_image(raw[image_ext], min_side)
     except ValueError as err:
@@ -158,7 +172,7 @@ def decode_sample(
     if not min_aspect_ratio <= width / height <= max_aspect_ratio:
         skips.skip("aspect_ratio", where, f"{width}x{height}")
         return None
-    return Sample(key=key, image=image, caption=caption, meta=_parse_meta(raw.get("json")))
+    return Sample(key=key, image=image, caption=caption, meta=meta)
 
 
 def _parse_meta(raw: bytes | None) -> dict[str, Any] | None:
