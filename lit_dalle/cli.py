@@ -26,6 +26,7 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
         "lit_dalle.text:train_tokenizer",
         "train the caption BPE tokenizer on the captions of tar shards",
     ),
+    "generate": ("lit_dalle.generate:generate", "sample images for captions from a Prior checkpoint into a PNG grid"),
     "tokenize": ("lit_dalle.image_tokens:tokenize", "encode image shards with a frozen DVAE into pre-tokenized shards"),
     "convert-openai-dvae": (
         "lit_dalle.dvae:convert_openai",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from functools import partial
 from typing import Any, Literal
 
@@ -84,7 +84,8 @@ class TextImageDataModule(L.LightningDataModule):
         embedded: EmbeddedShapes = EmbeddedShapes(),  # noqa: B008  (a frozen-by-convention config value)
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["embedded"])
+        self.hparams["embedded"] = asdict(embedded)  # plain data: checkpoints load with weights_only=True
         _check_positive(resolution=resolution, batch_size=batch_size, shuffle_buffer=shuffle_buffer)
         if val_batch_size is not None:
             _check_positive(val_batch_size=val_batch_size)
