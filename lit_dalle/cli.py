@@ -40,8 +40,13 @@ class DalleCLI(LightningCLI):
     """LightningCLI in subclass mode for lit_dalle's modules (and any subclass of them)."""
 
     def add_arguments_to_parser(self, parser: Any) -> None:
-        """Default the data to ``TextImageDataModule`` (the embedded dataset unless shards are given)."""
+        """Default the data to ``TextImageDataModule``; tie values that must agree instead of typing them twice.
+
+        ``data.resolution`` sets a Prior's ``model.image_size`` (so its token grid matches the DVAE's
+        output on that data); models without that argument (the DVAE) are left alone.
+        """
         parser.set_defaults({"data": {"class_path": "lit_dalle.data.TextImageDataModule"}})
+        parser.link_arguments("data.init_args.resolution", "model.init_args.image_size")
 
 
 def _run_extra(name: str, argv: list[str]) -> Any:
