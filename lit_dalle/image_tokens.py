@@ -121,7 +121,7 @@ def tokenize(
     dvae: str,
     out: str,
     resolution: int,
-    shards: list[str] | None = None,
+    shards: str | list[str] | None = None,
     batch_size: int = 64,
     device: str = "cpu",
     use_ema: bool = True,

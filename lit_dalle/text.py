@@ -173,7 +173,7 @@ def read_captions(shards: Sequence[str], limit: int | None = None) -> Iterator[s
 
 def train_tokenizer(
     out: str,
-    shards: list[str] | None = None,
+    shards: str | list[str] | None = None,
     vocab_size: int = 16384,
     min_frequency: int = 2,
     max_captions: int | None = None,

@@ -31,7 +31,8 @@ def test_there_are_configs():
 
 
 @pytest.mark.parametrize("config", RUNNABLE, ids=lambda p: p.name)
-def test_every_config_runs_with_fast_dev_run(config, tmp_path):
+def test_every_config_runs_with_fast_dev_run(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # configs write to relative paths (runs/...): keep them out of the repo
     args = ["fit", "--config", str(config), "--trainer.fast_dev_run=true", f"--trainer.default_root_dir={tmp_path}"]
     model_args = yaml.safe_load(config.read_text())["model"]["init_args"]
     if "dvae" in model_args:  # a Prior: give it a DVAE with the codebook it expects
