@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lit_dalle.checkpoint import VersionedCheckpoint
 from lit_dalle.image_tokens import DVAERecord, load_frozen_dvae, read_manifest
 from lit_dalle.models.transformer import TEXT_PAD, Transformer, TransformerConfig
 from lit_dalle.text import TextTokenizer, read_captions
@@ -33,7 +34,7 @@ from lit_dalle.text import TextTokenizer, read_captions
 __all__ = ["Prior"]
 
 
-class Prior(L.LightningModule):
+class Prior(VersionedCheckpoint, L.LightningModule):
     """The paper's transformer prior over [text][image] tokens, with training, the DVAE link and generation.
 
     Args:
@@ -186,14 +187,16 @@ class Prior(L.LightningModule):
                 self.text_tokenizer.save(Path(self.trainer.log_dir) / "tokenizer.json")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the caption tokenizer and the DVAE record beside the weights."""
+        """Store the library version, the caption tokenizer and the DVAE record beside the weights."""
+        super().on_save_checkpoint(checkpoint)
         checkpoint["lit_dalle_prior"] = {
             "tokenizer": self.text_tokenizer.to_str() if self.text_tokenizer is not None else None,
             "dvae": asdict(self.dvae_record) if self.dvae_record is not None else None,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the caption tokenizer and the DVAE record."""
+        """Check the library version, then restore the caption tokenizer and the DVAE record."""
+        super().on_load_checkpoint(checkpoint)
         extra = checkpoint.get("lit_dalle_prior", {})
         if extra.get("tokenizer"):
             self.text_tokenizer = TextTokenizer.from_str(extra["tokenizer"], self.hparams.bpe_dropout)
