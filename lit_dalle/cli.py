@@ -8,7 +8,9 @@ typed functions run through jsonargparse, so their signatures and docstrings are
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from jsonargparse import ArgumentParser, DefaultHelpFormatter, auto_cli, set_parsing_settings
@@ -58,6 +60,34 @@ def _run_extra(name: str, argv: list[str]) -> Any:
     return auto_cli(fn, args=argv, as_positional=False, prog=f"python -m lit_dalle {name}")
 
 
+def shipped_config(path: str) -> str:
+    """Resolve ``--config`` paths of the shipped configs from anywhere (installed wheel or source tree).
+
+    An existing file is returned as it is. Otherwise ``configs/prior.yaml`` (or ``prior.yaml``,
+    ``paper/prior.yaml``) is looked up among the configs installed with the package (``lit_dalle/configs``
+    in a wheel) and then in the source tree beside the package (an editable install).
+    """
+    if os.path.exists(path):
+        return path
+    name = path.split("configs/", 1)[1] if "configs/" in path else path
+    candidates = [
+        Path(__file__).resolve().parent / "configs" / name,
+        Path(__file__).resolve().parents[1] / "configs" / name,
+    ]
+    return next((str(c) for c in candidates if c.is_file()), path)
+
+
+def _resolve_configs(argv: list[str]) -> list[str]:
+    """Apply `shipped_config` to the value of every ``--config`` / ``-c`` argument."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg in ("--config", "-c") and i + 1 < len(out):
+            out[i + 1] = shipped_config(out[i + 1])
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + shipped_config(arg.split("=", 1)[1])
+    return out
+
+
 def _underscore_flag(arg: str) -> str:
     """``--from-folder=x`` -> ``--from_folder=x``; values and other arguments are left alone."""
     if not arg.startswith("--"):
@@ -95,6 +125,9 @@ def main(args: list[str] | None = None) -> Any:
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in EXTRA_COMMANDS:
         return _run_extra(argv[0], argv[1:])
+    resolved = _resolve_configs(argv)
+    if resolved != argv:
+        args = argv = resolved
     subcommand_kwargs: dict[str, Any] = {}
     if "-h" in argv or "--help" in argv:
         epilog = {"epilog": _data_help()}
