@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from lit_dalle.data.augment import AUGMENTATIONS, CenterResize
 from lit_dalle.data.dataset import EpochDataLoader, ShardDataset, key_fraction
-from lit_dalle.data.decode import SKIP_REASONS
+from lit_dalle.data.decode import SKIP_REASONS, Sample, SkipCounter, decode_sample, normalize_caption
 from lit_dalle.data.embedded import EmbeddedShapes, ensure_embedded
 from lit_dalle.data.shards import expand_shards
 
@@ -113,6 +113,38 @@ class TextImageDataModule(L.LightningDataModule):
         self.shards: dict[str, list[str]] = {}
         self._datasets: dict[str, ShardDataset] = {}
 
+    # -- hooks: override these in a subclass -----------------------------------------------------------
+
+    @staticmethod
+    def normalize_caption(text: str) -> str:
+        """How a caption is normalised before tokenization: lowercase, collapse whitespace (PAPER.md B.1).
+
+        Override it to keep case, strip boilerplate, translate, ... It runs in the loader workers, so it
+        must not use the data module's state. Example::
+
+            class KeepCase(TextImageDataModule):
+                @staticmethod
+                def normalize_caption(text: str) -> str:
+                    return " ".join(text.split())
+        """
+        return normalize_caption(text)
+
+    @staticmethod
+    def decode_sample(raw: dict[str, Any], skips: SkipCounter, **kwargs: Any) -> Sample | None:
+        """How a raw shard sample (``{"__key__", "jpg", "txt", ...}``) becomes a `Sample`, or None to skip it.
+
+        Override it to read other members (e.g. a caption from ``KEY.json``) or to filter more; count what
+        you skip with ``skips.skip(reason, where)``. It runs in the loader workers. ``kwargs`` carry the
+        aspect-ratio bounds, the decode size and ``normalize`` (this class's `normalize_caption`). Example::
+
+            class JsonCaptions(TextImageDataModule):
+                @staticmethod
+                def decode_sample(raw, skips, **kwargs):
+                    raw = {**raw, "txt": json.loads(raw["json"])["caption"].encode()}
+                    return decode_sample(raw, skips, **kwargs)
+        """
+        return decode_sample(raw, skips, **kwargs)
+
     # -- preparation ---------------------------------------------------------------------------------
 
     def prepare_data(self) -> None:
@@ -176,6 +208,7 @@ class TextImageDataModule(L.LightningDataModule):
             seed=self.seed,
             key_filter=key_filter,
             samples_per_epoch=self.samples_per_epoch if train else None,
+            decode=partial(type(self).decode_sample, normalize=type(self).normalize_caption),
             **self.aspect,
         )
 

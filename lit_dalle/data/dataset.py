@@ -66,6 +66,8 @@ class ShardDataset(IterableDataset):
         max_aspect_ratio: largest accepted width / height.
         samples_per_epoch: when set, each rank yields ``samples_per_epoch // world_size`` samples per
             epoch from a repeating stream instead of one exact pass.
+        decode: turns a raw shard sample into a `Sample` or None (see `decode_sample`); it runs in the
+            loader workers, so it must pickle (a module-level function, a staticmethod, a partial of one).
     """
 
     def __init__(
@@ -83,8 +85,10 @@ class ShardDataset(IterableDataset):
         min_aspect_ratio: float = 0.5,
         max_aspect_ratio: float = 2.0,
         samples_per_epoch: int | None = None,
+        decode: Callable[..., Sample | None] = decode_sample,
     ) -> None:
         super().__init__()
+        self.decode = decode
         self.shards, self.transform, self.batch_size = list(shards), transform, batch_size
         self.rank, self.world_size = rank, world_size
         self.shuffle, self.shuffle_buffer, self.seed = shuffle, shuffle_buffer, seed
@@ -147,7 +151,7 @@ class ShardDataset(IterableDataset):
             if self.key_filter is not None and not self.key_filter(raw["__key__"]):
                 continue
             min_side = getattr(self.transform, "min_side", None)
-            sample = decode_sample(
+            sample = self.decode(
                 raw, skips, min_aspect_ratio=self.aspect[0], max_aspect_ratio=self.aspect[1], min_side=min_side
             )
             if sample is not None:

@@ -13,6 +13,7 @@ import logging
 import re
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,6 +129,7 @@ def decode_sample(
     min_aspect_ratio: float = 0.5,
     max_aspect_ratio: float = 2.0,
     min_side: int | None = None,
+    normalize: Callable[[str], str] = normalize_caption,
 ) -> Sample | None:
     """Decode one raw WebDataset sample, or count why it was skipped and return None.
 
@@ -137,6 +139,7 @@ def decode_sample(
         min_aspect_ratio: smallest accepted width / height (the paper filters outside [1/2, 2], F).
         max_aspect_ratio: largest accepted width / height.
         min_side: the smallest image side the augmentation needs (lets large JPEGs decode faster).
+        normalize: turns the decoded caption into the training caption.
     """
     key = raw.get("__key__", "?")
     where = f"{raw.get('__url__', '?')}:{key}"
@@ -148,7 +151,7 @@ def decode_sample(
         skips.skip("missing_caption", where)
         return None
     try:
-        caption = normalize_caption(decode_caption(raw["txt"]))
+        caption = normalize(decode_caption(raw["txt"]))
     except UnicodeDecodeError as err:
         skips.skip("non_utf8_caption", where, str(err))
         return None
