@@ -101,12 +101,25 @@ class Prior(VersionedCheckpoint, L.LightningModule):
             width=width, heads=heads, mlp_ratio=mlp_ratio, dropout=dropout, mask_schedule=schedule,
             conv_kernel=conv_kernel, attention_backend=attention_backend,
         )  # fmt: skip
-        self.transformer = Transformer(self.config)
+        self.transformer = self.build_transformer(self.config)
         self.text_tokenizer: TextTokenizer | None = None  # from model.tokenizer, a checkpoint, or trained at fit start
         self.dvae_record: DVAERecord | None = None  # the DVAE this Prior was (or is being) trained with
         # A plain dict keeps the DVAE out of the module tree: not in state_dict, not moved, not trained.
         self._frozen: dict[str, nn.Module] = {}
         self._record_origin = "this Prior was trained with"
+
+    def build_transformer(self, config: TransformerConfig) -> Transformer:
+        """Hook: the network over the text-image stream, built once in ``__init__``.
+
+        Override it to change the architecture while keeping this module's training, checkpoints and
+        generation: return a `Transformer` subclass (e.g. one overriding how its layers are built) or any
+        module with the same ``forward(text, image)`` and ``generate_image_tokens`` interface. Example::
+
+            class WiderMLP(Prior):
+                def build_transformer(self, config):
+                    return Transformer(dataclasses.replace(config, mlp_ratio=8.0))
+        """
+        return Transformer(config)
 
     # -- the tokenizers ------------------------------------------------------------------------------
 
@@ -226,7 +239,17 @@ class Prior(VersionedCheckpoint, L.LightningModule):
         return tokens.flatten(1).long()
 
     def loss(self, text: Tensor, image: Tensor) -> dict[str, Tensor]:
-        """The paper's loss: (1/8) text CE + (7/8) image CE, each a mean over its own tokens (PAPER.md B.5)."""
+        """Hook: the paper's loss, (1/8) text CE + (7/8) image CE, each a mean over its own tokens (PAPER.md B.5).
+
+        Override it to weight tokens differently (e.g. by image row, or a text loss over pads too); return
+        a dict with at least ``loss`` (every entry is logged under ``train/``, ``val/``, ``test/``). Example::
+
+            class RowWeighted(Prior):
+                def loss(self, text, image):
+                    out = super().loss(text, image)
+                    ...
+                    return out
+        """
         text_logits, image_logits = self.transformer(text, image)  # [B, L, Vt], [B, N, Vi], fp32
         text_ce = F.cross_entropy(text_logits.flatten(0, 1), text.flatten(), ignore_index=TEXT_PAD)
         image_ce = F.cross_entropy(image_logits.flatten(0, 1), image.flatten())
