@@ -42,6 +42,18 @@ def load_prior(ckpt: str, dvae: str | None = None, device: str = "cpu", use_ema:
     return prior.to(device).eval()
 
 
+def image_prefix_tokens(prior: Any, path: str, rows: int) -> torch.Tensor:
+    """The first ``rows`` rows of an image file's tokens, ``[1, rows * grid]`` (centre crop, DVAE encode)."""
+    from lit_dalle.data.augment import CenterResize
+    from lit_dalle.data.decode import decode_raw_image
+
+    if not 0 < rows < prior.grid:
+        raise ValueError(f"--prefix-rows must be in [1, {prior.grid - 1}] for a {prior.grid}x{prior.grid} grid")
+    image = CenterResize(prior.hparams.image_size)(decode_raw_image(Path(path).read_bytes()))
+    tokens = prior.dvae.encode(image[None].float().div(255).to(prior.device))  # [1, grid, grid]
+    return tokens[:, :rows].flatten(1)
+
+
 def select(caption: str, images: torch.Tensor, top: int, scorer: Scorer | None = None) -> torch.Tensor:
     """Keep the best ``top`` of N images ``[N, 3, H, W]`` of one caption (by ``scorer``; else the first ``top``)."""
     if scorer is None or top >= images.shape[0]:
@@ -86,6 +98,8 @@ def generate(
     batch_size: int = 32,
     device: str = "cpu",
     use_ema: bool = True,
+    prefix_image: str | None = None,
+    prefix_rows: int = 0,
 ) -> Path:
     """Sample images for captions from a Prior checkpoint and write a captioned PNG grid.
 
@@ -103,18 +117,27 @@ def generate(
         batch_size: images sampled at once.
         device: where to run ("cpu", "cuda").
         use_ema: sample with the checkpoint's EMA weights when it has them.
+        prefix_image: an image file whose first ``prefix_rows`` rows of tokens are kept and the rest
+            sampled (PAPER.md E.1 image-to-image: the caption describes the whole picture).
+        prefix_rows: token rows of ``prefix_image`` to keep (the paper: 15 of 32).
     """
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"--num-samples ({num_samples}) and --batch-size ({batch_size}) must be >= 1")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     prior = load_prior(ckpt, dvae, device, use_ema)
+    prefix = None
+    if prefix_image is not None:
+        prefix = image_prefix_tokens(prior, prefix_image, prefix_rows)
+    elif prefix_rows:
+        raise ValueError(f"--prefix-rows {prefix_rows} needs --prefix-image")
     rows = []
     for index, caption in enumerate(prompts):
         images = []
         for start in range(0, num_samples, batch_size):
             n = min(batch_size, num_samples - start)
             images.append(prior.generate([caption] * n, temperature=temperature, top_k=top_k, top_p=top_p,
-                                         seed=seed + 1000 * index + start))  # fmt: skip
+                                         seed=seed + 1000 * index + start,
+                                         image_prefix=None if prefix is None else prefix.expand(n, -1)))  # fmt: skip
         rows.append((caption, select(caption, torch.cat(images), top or num_samples)))
     path = captioned_grid(rows, out)
     print(f"wrote {path} ({len(prompts)} captions x {top or num_samples} images)")

@@ -154,6 +154,17 @@ def test_generate_writes_a_captioned_grid_reproducibly(trained, tmp_path):
     assert a.tobytes() == b.tobytes()  # same seed, same images
 
 
+def test_generate_completes_an_image_from_its_first_rows(trained, tmp_path):
+    _, _, _, ckpt = trained
+    source = tmp_path / "source.png"
+    Image.new("RGB", (40, 32), (200, 30, 30)).save(source)
+    main(["generate", "--ckpt", str(ckpt), "--prompt", "a red square", "--num-samples", "2", "--out",
+          str(tmp_path / "p.png"), "--prefix-image", str(source), "--prefix-rows", "2"])  # fmt: skip
+    assert Image.open(tmp_path / "p.png").width >= 2 * 32
+    with pytest.raises(ValueError, match="prefix-rows must be in"):
+        main(["generate", "--ckpt", str(ckpt), "--prompt", "x", "--prefix-image", str(source), "--prefix-rows", "4"])
+
+
 def test_sampling_depends_on_the_seed_and_temperature(trained):
     model = trained[0]
     hot = [model.generate_tokens(["a red circle"] * 4, temperature=3.0, seed=s) for s in (1, 2)]
