@@ -196,8 +196,12 @@ class Prior(VersionedCheckpoint, L.LightningModule):
             self.text_tokenizer = TextTokenizer.from_str(
                 self.trainer.strategy.broadcast(text), self.hparams.bpe_dropout
             )
-            if self.trainer.is_global_zero and self.trainer.log_dir:
-                self.text_tokenizer.save(Path(self.trainer.log_dir) / "tokenizer.json")
+            if self.trainer.is_global_zero:  # beside the logs and the checkpoints (it is in each checkpoint too)
+                folders = {self.trainer.log_dir} | {
+                    getattr(c, "dirpath", None) for c in self.trainer.checkpoint_callbacks
+                }
+                for folder in filter(None, folders):
+                    self.text_tokenizer.save(Path(folder) / "tokenizer.json")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the library version, the caption tokenizer and the DVAE record beside the weights."""

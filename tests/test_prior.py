@@ -70,6 +70,7 @@ def test_loss_falls_on_data(trained):
 def test_tokenizer_is_trained_saved_beside_and_stored_in_the_checkpoint(trained, dvae_ckpt):
     model, trainer, _, ckpt = trained
     assert (Path(trainer.log_dir) / "tokenizer.json").is_file()
+    assert (Path(trainer.checkpoint_callback.dirpath) / "tokenizer.json").is_file()
     assert 256 < model.text_tokenizer.vocab_size <= 300
     loaded = Prior.load_from_checkpoint(ckpt)
     captions = ["a small red circle above a large blue square"]
