@@ -23,6 +23,7 @@ from lit_dalle.data import (
 )
 from lit_dalle.dvae import DVAE
 from lit_dalle.models.masks import MASK_KINDS, register_mask_kind
+from lit_dalle.plugins import PerResblockScaling
 from lit_dalle.prior import Prior
 from lit_dalle.text import TextTokenizer
 
@@ -36,6 +37,7 @@ __all__ = [
     "EmbeddedShapes",
     "KLWeightSchedule",
     "LearningRateSchedule",
+    "PerResblockScaling",
     "Prior",
     "PriorAugment",
     "TemperatureSchedule",
