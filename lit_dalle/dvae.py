@@ -23,9 +23,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 import torchmetrics
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics.image import PeakSignalNoiseRatio
 
+from lit_dalle.checkpoint import CHECKPOINT_FORMAT, VersionedCheckpoint
 from lit_dalle.models.dvae import PRESETS, Decoder, Encoder, read_openai_checkpoint
 
 __all__ = ["DVAE", "CodebookUsage", "convert_openai"]
@@ -51,7 +52,7 @@ class CodebookUsage(torchmetrics.Metric):
         return {"perplexity": entropy.exp(), "used": (self.counts > 0).float().mean()}
 
 
-class DVAE(L.LightningModule):
+class DVAE(VersionedCheckpoint, L.LightningModule):
     """The paper's dVAE: encoder, decoder, relaxed-ELB training, metrics and the token API.
 
     Loss normalisation, generalised from 256 px (PAPER.md A.3): with D = C * H * W pixel values per image
@@ -109,8 +110,8 @@ class DVAE(L.LightningModule):
         if temperature <= 0:
             raise ValueError(f"temperature={temperature} must be > 0 (Gumbel-softmax tau)")
         self.save_hyperparameters()
-        self.encoder = Encoder(vocab_size, n_hid, group_count, n_blk_per_group, channels, n_layers)
-        self.decoder = Decoder(vocab_size, n_hid, group_count, n_blk_per_group, n_init, channels, n_layers)
+        self.encoder = self.build_encoder()
+        self.decoder = self.build_decoder()
         self.vocab_size, self.channels = vocab_size, channels
         self.downsample = 2 ** (group_count - 1)
         # Plain attributes: the annealing callbacks set them every step as a function of global_step.
@@ -119,6 +120,28 @@ class DVAE(L.LightningModule):
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.val_codebook = CodebookUsage(vocab_size)
         self._logged_images: tuple[Tensor, Tensor] | None = None
+
+    def build_encoder(self) -> nn.Module:
+        """Hook: the encoder, images ``[B, C, H, W]`` -> logits ``[B, vocab_size, H/f, W/f]``.
+
+        Override it to try another architecture under the same training, metrics and token API (the
+        sizes are in ``self.hparams``). Example::
+
+            class WideInput(DVAE):
+                def build_encoder(self):
+                    h = self.hparams
+                    return Encoder(h.vocab_size, 2 * h.n_hid, h.group_count, h.n_blk_per_group, h.channels)
+        """
+        h = self.hparams
+        return Encoder(h.vocab_size, h.n_hid, h.group_count, h.n_blk_per_group, h.channels, h.n_layers)
+
+    def build_decoder(self) -> nn.Module:
+        """Hook: the decoder, (soft) one-hot codes ``[B, vocab_size, h, w]`` -> ``[B, 2C, H, W]`` (mu, ln b).
+
+        It must also offer ``forward_tokens(tokens [B, h, w])`` (used by `decode`).
+        """
+        h = self.hparams
+        return Decoder(h.vocab_size, h.n_hid, h.group_count, h.n_blk_per_group, h.n_init, h.channels, h.n_layers)
 
     @classmethod
     def from_preset(cls, name: str, **kwargs: Any) -> DVAE:
@@ -358,7 +381,7 @@ def convert_openai(encoder_path: str, decoder_path: str, out: str) -> None:
         "state_dict": model.state_dict(),
         DVAE.CHECKPOINT_HYPER_PARAMS_KEY: dict(model.hparams),
         "pytorch-lightning_version": L.__version__,
-        "lit_dalle_version": __version__,
+        "lit_dalle": {"version": __version__, "format": CHECKPOINT_FORMAT},
         "converted_from": {"encoder": str(encoder_path), "decoder": str(decoder_path)},
     }
     torch.save(checkpoint, out)
