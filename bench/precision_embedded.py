@@ -2,8 +2,8 @@
 
 Tokenizes the first shards of the embedded dataset with a trained DVAE (`python -m lit_dalle tokenize`),
 then trains a small Prior from `configs/prior.yaml` twice on those tokens with the same seed and data
-order: in fp32, and in fp16 with `PerResblockScaling`. Reports both loss curves' ends, the largest gap
-between their running means, the skipped-step rate and the final scales.
+order: in fp32, and in fp16 with `PerResblockScaling`. Reports both loss curves' ends (20-step running
+means), the largest gap between their running means, and the skipped-step rate.
 
     python bench/precision_embedded.py --dvae runs/dvae/checkpoints/last.ckpt [--steps 300] [--out bench/RESULTS.md]
 """
@@ -32,14 +32,15 @@ class Losses(L.Callback):
         self.values.append(float(outputs["loss"]))
 
 
-def fit(tokens: str, dvae: str, steps: int, plugin: bool, root: Path) -> tuple[list[float], object]:
+def fit(tokens: str, dvae: str, steps: int, plugin: bool, root: Path, width: int) -> tuple[list[float], object]:
     """Train the small Prior on the token shards; returns the losses and the precision plugin."""
-    args = ["fit", "--config", "configs/prior.yaml", f"--model.dvae={dvae}", "--model.depth=4", "--model.width=128",
-            "--model.heads=4", f"--data.train_shards={tokens}", "--data.num_workers=0", "--data.batch_size=32",
-            f"--trainer.max_steps={steps}", "--trainer.max_time=null", "--trainer.limit_val_batches=0",
-            "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={root}", "--trainer.logger=false",
-            "--trainer.enable_checkpointing=false", "--trainer.callbacks=[]",
-            "--trainer.callbacks+=lightning.pytorch.callbacks.LearningRateMonitor"]  # fmt: skip
+    args = [
+        "fit", "--config", "configs/prior.yaml", f"--model.dvae={dvae}", "--model.depth=4", f"--model.width={width}",
+        "--model.heads=4", f"--data.train_shards={tokens}", "--data.num_workers=0", "--data.batch_size=32",
+        f"--trainer.max_steps={steps}", "--trainer.max_time=null", "--trainer.limit_val_batches=0",
+        "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={root}", "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false", "--trainer.callbacks=[]",
+    ]  # fmt: skip
     if plugin:
         args += ["--trainer.precision=null", "--trainer.plugins+=lit_dalle.plugins.PerResblockScaling",
                  "--trainer.plugins.init_args.device=cpu"]  # fmt: skip
@@ -59,6 +60,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--shards", type=int, default=2, help="embedded train shards to tokenize (1,000 each)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -73,7 +75,7 @@ def main() -> None:
     for name, plugin in [("fp32", False), ("fp16 + PerResblockScaling", True)]:
         torch.manual_seed(0)
         start = time.time()
-        losses, precision = fit(str(tmp / "tokens"), args.dvae, args.steps, plugin, tmp / name.split()[0])
+        losses, precision = fit(str(tmp / "tokens"), args.dvae, args.steps, plugin, tmp / name.split()[0], args.width)
         results[name] = (losses, precision, time.time() - start)
     (a, _, ta), (b, plugin, tb) = results.values()
     gap = max(abs(x - y) for x, y in zip(running(a), running(b)))
@@ -82,8 +84,8 @@ def main() -> None:
         skipped = plugin.state_dict().get("skipped")
     lines = [
         "| run | steps | final loss (mean of last 20) | seconds |", "|---|---|---|---|",
-        f"| fp32 | {len(a)} | {sum(a[-20:]) / 20:.4f} | {ta:.0f} |",
-        f"| fp16 + PerResblockScaling | {len(b)} | {sum(b[-20:]) / 20:.4f} | {tb:.0f} |",
+        f"| fp32 | {len(a)} | {running(a)[-1]:.4f} | {ta:.0f} |",
+        f"| fp16 + PerResblockScaling | {len(b)} | {running(b)[-1]:.4f} | {tb:.0f} |",
     ]  # fmt: skip
     finite = all(map(lambda v: v == v and abs(v) != float("inf"), b))
     summary = (f"Largest gap between the 20-step running means: {gap:.4f}; fp16 losses all finite: {finite}; "
@@ -91,11 +93,13 @@ def main() -> None:
     print("\n".join(lines) + "\n\n" + summary)
     if args.out:
         with open(args.out, "a") as f:
-            f.write(f"\n## fp16 with per-resblock scaling on the embedded data ({time.strftime('%Y-%m-%d')}, CPU, "
-                    f"{args.threads} thread)\n\n`python bench/precision_embedded.py --dvae {args.dvae} --steps "
-                    f"{args.steps}`: a Prior of depth 4, width 128 from configs/prior.yaml, on {args.shards * 1000} "
-                    "embedded training samples tokenized by the DVAE, same seed and data order.\n\n"
-                    + "\n".join(lines) + "\n\n" + summary + "\n")  # fmt: skip
+            heading = f"fp16 with per-resblock scaling on the embedded data ({time.strftime('%Y-%m-%d')}, CPU)"
+            command = f"python bench/precision_embedded.py --dvae {args.dvae} --steps {args.steps} --width {args.width}"
+            setup = (
+                f"a Prior of depth 4, width {args.width} from configs/prior.yaml, {args.threads} thread, on "
+                f"{args.shards * 1000} embedded training samples tokenized by the DVAE, same seed and data order"
+            )
+            f.write(f"\n## {heading}\n\n`{command}`: {setup}.\n\n" + "\n".join(lines) + "\n\n" + summary + "\n")
 
 
 if __name__ == "__main__":
