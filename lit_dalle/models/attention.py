@@ -122,7 +122,8 @@ class SelfAttention(nn.Module):
 
         Args:
             x: ``[B, t, D]``, stream positions ``start .. start + t - 1``.
-            mask: Dense ``bool[t, start + t]`` (SDPA) or a FlexAttention ``BlockMask`` over ``t`` (no cache).
+            mask: Dense ``bool[t, start + t]`` (SDPA), a FlexAttention ``BlockMask`` over ``t`` (no cache), or
+                for one cached step (``t == 1``) a LongTensor of the key positions to attend to.
             cache: Where to write this call's keys and values and read the earlier ones; None for a full pass.
             layer: This layer's index in the cache.
             start: Stream position of the first row of ``x``.
@@ -135,7 +136,10 @@ class SelfAttention(nn.Module):
         q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))  # [B, H, t, hd]
         if cache is not None:
             k, v = cache.update(layer, k, v, start)  # [B, H, start + t, hd]
-        if isinstance(mask, torch.Tensor):
+        if isinstance(mask, torch.Tensor) and mask.dtype == torch.long:  # visible key positions (decode step)
+            k, v = k.index_select(2, mask), v.index_select(2, mask)  # [B, H, n, hd]
+            y = F.scaled_dot_product_attention(q, k, v)  # [B, H, 1, hd]
+        elif isinstance(mask, torch.Tensor):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, t, hd]
         else:
             y = _flex(q, k, v, mask)  # [B, H, t, hd]

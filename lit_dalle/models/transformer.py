@@ -246,11 +246,24 @@ class Transformer(nn.Module):
         return torch.cat(parts, dim=1)
 
     def _attention_masks(self, start: int, length: int, device: torch.device, cached: bool) -> dict[str, object]:
-        """Per kind: the dense rows ``[start:start+length, :start+length]`` (SDPA) or a BlockMask (flex)."""
+        """Per kind: the dense rows ``[start:start+length, :start+length]`` (SDPA) or a BlockMask (flex).
+
+        For a single cached decode step, a kind that hides some keys gets the LongTensor of the key
+        positions it can see instead: attention then gathers those keys only (row and conv layers read a
+        window, column layers a stride, rather than the whole cache).
+        """
         c = self.config
         flex = not cached and start == 0 and pick_backend(c.attention_backend, device) == "flex"
         masks = {}
         for kind in set(self.mask_kinds):
+            if cached and length == 1:  # one decode step: hand attention only the keys this kind can see
+                key = (kind, device, "keys", start)
+                if key not in self._masks:
+                    row = build_mask(kind, c.text_len, c.grid, c.conv_kernel)[start, : start + 1]  # CPU, cached
+                    keep = row.nonzero().squeeze(1)  # [n] key positions
+                    self._masks[key] = keep.to(device) if keep.numel() <= start else row.to(device)[None]
+                masks[kind] = self._masks[key]
+                continue
             key = (kind, device, length) if flex else (kind, device)
             if key not in self._masks:
                 if flex:
