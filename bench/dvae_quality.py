@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from lit_dalle.callbacks import ema_state_dict
+from lit_dalle.callbacks import load_with_ema
 from lit_dalle.data import TextImageDataModule
 from lit_dalle.data.recognize import score_batch
 from lit_dalle.dvae import DVAE, CodebookUsage
@@ -28,9 +28,7 @@ def main() -> None:
     p.add_argument("--no-ema", action="store_true", help="use the trained weights, not the EMA")
     args = p.parse_args()
 
-    model = DVAE.load_from_checkpoint(args.checkpoint, map_location="cpu").eval()
-    if not args.no_ema:
-        model.load_state_dict(ema_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True)))
+    model = load_with_ema(DVAE, args.checkpoint, use_ema=not args.no_ema)
     data = TextImageDataModule(resolution=args.resolution, batch_size=64, num_workers=0)
     data.prepare_data()
     data.setup("validate")

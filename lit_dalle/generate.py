@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 from torchvision.utils import make_grid
 
-from lit_dalle.callbacks.ema import ema_state_dict
+from lit_dalle.callbacks.ema import load_with_ema
 
 Scorer = Callable[[list[str], torch.Tensor], torch.Tensor]
 """Scores (caption, image) pairs: (B captions, images [B, 3, H, W] in [0, 1]) -> [B] higher is better."""
@@ -35,10 +35,7 @@ def load_prior(ckpt: str, dvae: str | None = None, device: str = "cpu", use_ema:
     if not Path(ckpt).is_file():
         raise FileNotFoundError(f"--ckpt {ckpt!r} not found (train a Prior: fit --config configs/prior.yaml)")
     overrides = {"dvae": dvae} if dvae else {}
-    prior = Prior.load_from_checkpoint(ckpt, map_location="cpu", **overrides)
-    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
-    if use_ema and any(k.startswith("EMA") for k in checkpoint.get("callbacks", {})):
-        prior.load_state_dict(ema_state_dict(checkpoint))
+    prior = load_with_ema(Prior, ckpt, use_ema=use_ema, **overrides)
     return prior.to(device).eval()
 
 

@@ -68,17 +68,14 @@ def load_frozen_dvae(path: str | Path, use_ema: bool = True) -> tuple[torch.nn.M
     Raises:
         FileNotFoundError: naming the path, when it does not exist.
     """
-    from lit_dalle.callbacks.ema import ema_state_dict
+    from lit_dalle.callbacks.ema import load_with_ema
     from lit_dalle.dvae import DVAE
 
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"DVAE checkpoint {str(path)!r} not found (train one: fit --config configs/dvae.yaml)")
-    dvae = DVAE.load_from_checkpoint(str(path), map_location="cpu")
-    checkpoint = torch.load(str(path), map_location="cpu", weights_only=False)
-    if use_ema and any(k.startswith("EMA") for k in checkpoint.get("callbacks", {})):
-        dvae.load_state_dict(ema_state_dict(checkpoint))
-    dvae.eval().requires_grad_(False)
+    dvae = load_with_ema(DVAE, str(path), use_ema=use_ema)
+    dvae.requires_grad_(False)
     downsample = 2 ** (dvae.hparams.group_count - 1)
     return dvae, DVAERecord(str(path), file_sha256(path), int(dvae.hparams.vocab_size), downsample)
 

@@ -283,12 +283,11 @@ class Prior(VersionedCheckpoint, L.LightningModule):
         self._step(batch, "test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """AdamW with weight decay on weight matrices only: not on gains, biases or embeddings (PAPER.md B.6)."""
+        """AdamW with weight decay except on gains, biases and embeddings (PAPER.md B.6)."""
+        exempt = self.transformer.no_decay_parameter_names()
         decay, no_decay = [], []
-        for module in self.transformer.modules():
-            for name, param in module.named_parameters(recurse=False):
-                is_matrix = isinstance(module, nn.Linear) and name == "weight"
-                (decay if is_matrix else no_decay).append(param)
+        for name, param in self.transformer.named_parameters():
+            (no_decay if name in exempt else decay).append(param)
         groups = [
             {"params": decay, "weight_decay": self.hparams.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},

@@ -7,7 +7,7 @@ from lit_dalle.callbacks.annealing import (
     TemperatureSchedule,
     cosine,
 )
-from lit_dalle.callbacks.ema import EMA, ema_state_dict
+from lit_dalle.callbacks.ema import EMA, ema_state_dict, load_with_ema
 from lit_dalle.callbacks.plateau import WarmupHalveOnPlateau
 
 __all__ = [
@@ -19,4 +19,5 @@ __all__ = [
     "WarmupHalveOnPlateau",
     "cosine",
     "ema_state_dict",
+    "load_with_ema",
 ]

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
-__all__ = ["EMA", "ema_state_dict"]
+__all__ = ["EMA", "ema_state_dict", "load_with_ema"]
 
 
 def _local(p: Tensor) -> Tensor:
@@ -136,3 +136,17 @@ def ema_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Tensor]:
     weights = dict(checkpoint["state_dict"])
     weights.update({name: ema.to(weights[name].dtype) for name, ema in states[0]["ema"].items()})
     return weights
+
+
+def load_with_ema(cls: type[L.LightningModule], path: str, *, use_ema: bool = True, **kwargs: Any) -> L.LightningModule:
+    """``cls.load_from_checkpoint(path, **kwargs)``, then the EMA weights when asked and the checkpoint has them.
+
+    The one export path for trained modules (tokenizing with a DVAE, sampling from a Prior), in eval mode.
+    """
+    kwargs.setdefault("map_location", "cpu")
+    model = cls.load_from_checkpoint(path, **kwargs)
+    if use_ema:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        if any(k.startswith("EMA") for k in checkpoint.get("callbacks", {})):
+            model.load_state_dict(ema_state_dict(checkpoint))
+    return model.eval()

@@ -6,7 +6,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from lit_dalle.callbacks import EMA, ema_state_dict
+from lit_dalle.callbacks import EMA, ema_state_dict, load_with_ema
 
 
 class Tiny(L.LightningModule):
@@ -145,3 +145,15 @@ def test_works_on_fsdp2_local_shards():
         torch.testing.assert_close(reference[0].weight, model[0].weight.to_local() - 0.5)
     finally:
         dist.destroy_process_group()
+
+
+def test_load_with_ema_exports_the_average_or_the_trained_weights(tmp_path):
+    _fit(tmp_path, EMA(decay=0.7), max_steps=2)
+    ckpt = str(tmp_path / "epoch=0-step=2.ckpt")
+    saved = torch.load(ckpt, weights_only=True)
+    (state,) = [s for k, s in saved["callbacks"].items() if k.startswith("EMA")]
+    averaged = load_with_ema(Tiny, ckpt)
+    trained = load_with_ema(Tiny, ckpt, use_ema=False)
+    assert not averaged.training
+    torch.testing.assert_close(averaged.layer.weight, state["ema"]["layer.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(trained.layer.weight, saved["state_dict"]["layer.weight"], rtol=0, atol=0)
