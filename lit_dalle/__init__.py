@@ -10,9 +10,11 @@ from lit_dalle.callbacks import (
     CosineSchedule,
     KLWeightSchedule,
     LearningRateSchedule,
+    SampleLogger,
     TemperatureSchedule,
     WarmupHalveOnPlateau,
 )
+from lit_dalle.contrastive import Contrastive
 from lit_dalle.data import (
     CenterResize,
     DVAEAugment,
@@ -32,6 +34,7 @@ __all__ = [
     "EMA",
     "MASK_KINDS",
     "CenterResize",
+    "Contrastive",
     "CosineSchedule",
     "DVAEAugment",
     "EmbeddedShapes",
@@ -40,6 +43,7 @@ __all__ = [
     "PerResblockScaling",
     "Prior",
     "PriorAugment",
+    "SampleLogger",
     "TemperatureSchedule",
     "TextImageDataModule",
     "TextTokenizer",

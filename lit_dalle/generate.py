@@ -1,13 +1,14 @@
 """``python -m lit_dalle generate``: sample images for captions from a Prior checkpoint into a captioned grid.
 
 Sampling follows PAPER.md E.1 by default (temperature 1, no top-k / top-p) and uses the KV cache. The
-paper then reranks N samples per caption with a contrastive model and keeps the best; `select` is where
-a scorer plugs in: with none, the first ``top`` samples are kept in sampling order.
+paper then reranks N samples per caption with a contrastive model and keeps the best (``--rerank``: a
+Hugging Face CLIP folder or a `lit_dalle.contrastive.Contrastive` checkpoint; `lit_dalle.rerank`); with
+no scorer, the first ``top`` samples are kept in sampling order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,7 @@ from PIL import Image, ImageDraw
 from torchvision.utils import make_grid
 
 from lit_dalle.callbacks.ema import load_with_ema
-
-Scorer = Callable[[list[str], torch.Tensor], torch.Tensor]
-"""Scores (caption, image) pairs: (B captions, images [B, 3, H, W] in [0, 1]) -> [B] higher is better."""
+from lit_dalle.rerank import Scorer, load_scorer, rank
 
 
 def load_prior(ckpt: str, dvae: str | None = None, device: str = "cpu", use_ema: bool = True) -> Any:
@@ -52,15 +51,15 @@ def image_prefix_tokens(prior: Any, path: str, rows: int) -> torch.Tensor:
 
 
 def select(caption: str, images: torch.Tensor, top: int, scorer: Scorer | None = None) -> torch.Tensor:
-    """Keep the best ``top`` of N images ``[N, 3, H, W]`` of one caption (by ``scorer``; else the first ``top``)."""
-    if scorer is None or top >= images.shape[0]:
+    """Keep the best ``top`` of N images ``[N, 3, H, W]`` of one caption, best first (else the first ``top``)."""
+    if scorer is None:
         return images[:top]
-    scores = scorer([caption] * images.shape[0], images)  # [N]
-    return images[scores.argsort(descending=True)[:top]]
+    order, _ = rank(scorer, caption, images)
+    return images[order[:top].to(images.device)]
 
 
-def captioned_grid(rows: Sequence[tuple[str, torch.Tensor]], path: str | Path, pad: int = 2) -> Path:
-    """Write a PNG: for each (caption, images [n, 3, H, W] in [0, 1]), the caption above a row of images."""
+def captioned_sheet(rows: Sequence[tuple[str, torch.Tensor]], pad: int = 2) -> Image.Image:
+    """A picture: for each (caption, images [n, 3, H, W] in [0, 1]), the caption above a row of images."""
     bands = []
     for caption, images in rows:
         grid = make_grid(images.float().cpu().clamp(0, 1), nrow=images.shape[0], padding=pad, pad_value=1.0)
@@ -75,9 +74,14 @@ def captioned_grid(rows: Sequence[tuple[str, torch.Tensor]], path: str | Path, p
     for band in bands:
         sheet.paste(band, (0, top))
         top += band.height
+    return sheet
+
+
+def captioned_grid(rows: Sequence[tuple[str, torch.Tensor]], path: str | Path, pad: int = 2) -> Path:
+    """Write `captioned_sheet` of ``rows`` as a PNG (folders created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
+    captioned_sheet(rows, pad).save(path)
     return path
 
 
@@ -97,6 +101,7 @@ def generate(
     use_ema: bool = True,
     prefix_image: str | None = None,
     prefix_rows: int = 0,
+    rerank: str | None = None,
 ) -> Path:
     """Sample images for captions from a Prior checkpoint and write a captioned PNG grid.
 
@@ -105,7 +110,7 @@ def generate(
         prompt: a caption, or several as a JSON list ('["a red circle", "a blue square"]').
         out: the PNG to write.
         num_samples: images sampled per caption (N).
-        top: images kept per caption (the best by the scorer, when one is given; default: all N).
+        top: images kept per caption (the best by ``rerank``, when given; default: all N).
         dvae: DVAE checkpoint to decode with; default: the one the Prior was trained with.
         temperature: softmax temperature (the paper: 1).
         top_k: keep only the k most likely tokens per step (the paper: none).
@@ -117,10 +122,15 @@ def generate(
         prefix_image: an image file whose first ``prefix_rows`` rows of tokens are kept and the rest
             sampled (PAPER.md E.1 image-to-image: the caption describes the whole picture).
         prefix_rows: token rows of ``prefix_image`` to keep (the paper: 15 of 32).
+        rerank: a contrastive scorer that orders the N samples of each caption, best first (PAPER.md E.1):
+            a `Contrastive` checkpoint (``fit --config configs/clip.yaml``) or a Hugging Face CLIP folder.
     """
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"--num-samples ({num_samples}) and --batch-size ({batch_size}) must be >= 1")
+    if top is not None and not 1 <= top <= num_samples:
+        raise ValueError(f"--top {top} must be in [1, --num-samples {num_samples}]")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    scorer = load_scorer(rerank, device) if rerank else None  # before sampling: a wrong path fails at once
     prior = load_prior(ckpt, dvae, device, use_ema)
     prefix = None
     if prefix_image is not None:
@@ -135,7 +145,8 @@ def generate(
             images.append(prior.generate([caption] * n, temperature=temperature, top_k=top_k, top_p=top_p,
                                          seed=seed + 1000 * index + start,
                                          image_prefix=None if prefix is None else prefix.expand(n, -1)))  # fmt: skip
-        rows.append((caption, select(caption, torch.cat(images), top or num_samples)))
+        rows.append((caption, select(caption, torch.cat(images), top or num_samples, scorer)))
     path = captioned_grid(rows, out)
-    print(f"wrote {path} ({len(prompts)} captions x {top or num_samples} images)")
+    how = f"best {top or num_samples} of {num_samples} by {rerank}" if scorer else f"{top or num_samples} images"
+    print(f"wrote {path} ({len(prompts)} captions x {how})")
     return path

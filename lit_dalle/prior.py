@@ -18,7 +18,6 @@ halving on plateau (`lit_dalle.callbacks.WarmupHalveOnPlateau`), EMA 0.99 every 
 from __future__ import annotations
 
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -29,7 +28,7 @@ from torch import Tensor, nn
 from lit_dalle.checkpoint import VersionedCheckpoint
 from lit_dalle.image_tokens import DVAERecord, load_frozen_dvae, read_manifest
 from lit_dalle.models.transformer import TEXT_PAD, Transformer, TransformerConfig
-from lit_dalle.text import TextTokenizer, read_captions
+from lit_dalle.text import TextTokenizer, read_captions, tokenizer_for_fit
 
 __all__ = ["Prior"]
 
@@ -190,18 +189,10 @@ class Prior(VersionedCheckpoint, L.LightningModule):
         if self.text_tokenizer is None and self.hparams.tokenizer:
             self.text_tokenizer = self._load_tokenizer()
         if self.text_tokenizer is None:
-            if not shards:
-                raise ValueError("no tokenizer: set model.tokenizer, or fit with a data module that has train shards")
-            text = self.train_tokenizer(shards).to_str() if self.trainer.is_global_zero else None
-            self.text_tokenizer = TextTokenizer.from_str(
-                self.trainer.strategy.broadcast(text), self.hparams.bpe_dropout
+            self.text_tokenizer = tokenizer_for_fit(
+                self.trainer, shards, self.train_tokenizer, self.hparams.bpe_dropout
             )
-            if self.trainer.is_global_zero:  # beside the logs and the checkpoints (it is in each checkpoint too)
-                folders = {self.trainer.log_dir} | {
-                    getattr(c, "dirpath", None) for c in self.trainer.checkpoint_callbacks
-                }
-                for folder in filter(None, folders):
-                    self.text_tokenizer.save(Path(folder) / "tokenizer.json")
+            self._check_tokenizer(self.text_tokenizer)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the library version, the caption tokenizer and the DVAE record beside the weights."""

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -200,3 +201,29 @@ def train_tokenizer(
     file = tokenizer.save(out)
     print(json.dumps({"out": str(file), "vocab_size": tokenizer.vocab_size}))
     return {"out": str(file), "vocab_size": tokenizer.vocab_size}
+
+
+def tokenizer_for_fit(
+    trainer: Any, shards: Sequence[str], train: Callable[[Sequence[str]], TextTokenizer], dropout: float
+) -> TextTokenizer:
+    """Train a caption tokenizer on ``shards`` when ``fit`` starts: on rank 0, broadcast, saved beside the run.
+
+    What a module that trains its own tokenizer calls in ``on_fit_start`` (the Prior, the contrastive
+    model): the tokenizer is trained once (rank 0), sent to every rank, and written as ``tokenizer.json``
+    into the log folder and every checkpoint folder (modules store it in their checkpoints as well).
+
+    Args:
+        trainer: the running ``lightning.Trainer``.
+        shards: the training shards whose captions are read.
+        train: trains a tokenizer on the captions of the shards (the module's ``train_tokenizer``).
+        dropout: the module's BPE dropout.
+    """
+    if not shards:
+        raise ValueError("no tokenizer: set model.tokenizer, or fit with a data module that has train shards")
+    text = train(shards).to_str() if trainer.is_global_zero else None
+    tokenizer = TextTokenizer.from_str(trainer.strategy.broadcast(text), dropout)
+    if trainer.is_global_zero:
+        folders = {trainer.log_dir} | {getattr(c, "dirpath", None) for c in trainer.checkpoint_callbacks}
+        for folder in filter(None, folders):
+            tokenizer.save(Path(folder) / TOKENIZER_FILE)
+    return tokenizer

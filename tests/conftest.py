@@ -52,3 +52,30 @@ def make_shards(tmp_path: Path) -> Callable[..., list[str]]:
         return write_shards(records, tmp_path / name, max_count=per_shard)
 
     return make
+
+
+SMALL_SHAPES = {"resolution": 32, "train_samples": 4000, "val_samples": 400, "heldout_samples": 400}
+"""A small embedded dataset (32 px) for tests that train on real captions and images."""
+
+
+@pytest.fixture(scope="session")
+def trained_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A `Contrastive` checkpoint trained for 250 updates on the small embedded dataset (~30 s on one thread)."""
+    import lightning as L
+
+    from lit_dalle import Contrastive, EmbeddedShapes, TextImageDataModule
+
+    root = tmp_path_factory.mktemp("clip")
+    L.seed_everything(0)
+    data = TextImageDataModule(
+        resolution=32, batch_size=64, val_batch_size=100, num_workers=0, augment="center",
+        embedded=EmbeddedShapes(**SMALL_SHAPES),
+    )  # fmt: skip
+    model = Contrastive(image_size=32, text_len=16, embed_dim=64, text_width=64, text_heads=2, lr=3e-3, warmup_steps=20)
+    trainer = L.Trainer(
+        max_steps=250, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, default_root_dir=root,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=data)
+    trainer.save_checkpoint(root / "clip.ckpt")
+    return root / "clip.ckpt"

@@ -155,6 +155,19 @@ def test_generate_writes_a_captioned_grid_reproducibly(trained, tmp_path):
     assert a.tobytes() == b.tobytes()  # same seed, same images
 
 
+def test_generate_reranks_with_a_contrastive_checkpoint_and_keeps_the_top(trained, trained_clip, tmp_path):
+    _, _, _, ckpt = trained
+    args = ["generate", "--ckpt", str(ckpt), "--prompt", "a red circle", "--num-samples", "6", "--seed", "7"]
+    main([*args, "--out", str(tmp_path / "all.png")])
+    main([*args, "--top", "2", "--rerank", str(trained_clip), "--out", str(tmp_path / "top.png")])
+    every, top = Image.open(tmp_path / "all.png"), Image.open(tmp_path / "top.png")
+    assert top.height == every.height and top.width == 2 * 34 + 2 < every.width  # 2 of the 6 kept (32 px + pads)
+    with pytest.raises(ValueError, match="--top 7"):
+        main([*args, "--top", "7", "--out", str(tmp_path / "x.png")])
+    with pytest.raises(FileNotFoundError, match="--rerank"):
+        main([*args, "--rerank", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "x.png")])
+
+
 def test_generate_completes_an_image_from_its_first_rows(trained, tmp_path):
     _, _, _, ckpt = trained
     source = tmp_path / "source.png"

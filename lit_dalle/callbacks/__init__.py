@@ -1,4 +1,4 @@
-"""Lightning callbacks: schedules (cosine, warm-up with halving on plateau) and the EMA of the weights."""
+"""Lightning callbacks: schedules (cosine, warm-up with halving on plateau), the EMA of the weights, sample grids."""
 
 from lit_dalle.callbacks.annealing import (
     CosineSchedule,
@@ -9,12 +9,14 @@ from lit_dalle.callbacks.annealing import (
 )
 from lit_dalle.callbacks.ema import EMA, ema_state_dict, load_with_ema
 from lit_dalle.callbacks.plateau import WarmupHalveOnPlateau
+from lit_dalle.callbacks.samples import SampleLogger
 
 __all__ = [
     "EMA",
     "CosineSchedule",
     "KLWeightSchedule",
     "LearningRateSchedule",
+    "SampleLogger",
     "TemperatureSchedule",
     "WarmupHalveOnPlateau",
     "cosine",

@@ -9,7 +9,8 @@ weights (swapped in, then back); the average is saved in the checkpoint and rest
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
@@ -79,6 +80,24 @@ class EMA(L.Callback):
             raise RuntimeError("EMA.copy_to: no average yet (call it after fit starts or a checkpoint loads)")
         for name, p in _local_params(module).items():
             p.copy_(self.ema[name])
+
+    @contextmanager
+    def applied(self, module: nn.Module) -> Iterator[None]:
+        """Run the body with the averaged weights in ``module``, then put the trained weights back.
+
+        A no-op before the first update and while the average is already in (during validation).
+        """
+        if self.ema is None or self._backup is not None:
+            yield
+            return
+        backup = {n: p.clone() for n, p in _local_params(module).items()}
+        self.copy_to(module)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in _local_params(module).items():
+                    p.copy_(backup[name])
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
