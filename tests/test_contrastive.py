@@ -131,3 +131,50 @@ def test_reranked_choices_score_higher_and_match_their_captions_more_often(train
     reranked, at_random = score_batch(torch.stack(chosen), captions), score_batch(torch.stack(random_pick), captions)
     assert reranked["all"] > at_random["all"] + 0.25, (reranked, at_random)
     assert reranked["color"] > at_random["color"] and reranked["shape"] > at_random["shape"]
+
+
+def save_tiny_hf_clip(folder):
+    """A random CLIPModel with a CLIPProcessor (a tiny byte-level BPE vocabulary), as save_pretrained writes it."""
+    import json
+
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTextConfig,
+        CLIPTokenizer,
+        CLIPVisionConfig,
+    )
+
+    letters = list("abcdefghijklmnopqrstuvwxyz")
+    vocab = {t: i for i, t in enumerate([*letters, *[c + "</w>" for c in letters], "<|startoftext|>", "<|endoftext|>"])}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
+    )
+    text = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, max_position_embeddings=77, eos_token_id=vocab["<|endoftext|>"],
+                          bos_token_id=vocab["<|startoftext|>"], pad_token_id=vocab["<|endoftext|>"])  # fmt: skip
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=32, patch_size=8)  # fmt: skip
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16))
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return model.eval(), processor
+
+
+def test_a_local_hugging_face_clip_scores_as_its_own_forward_does(tmp_path):
+    model, processor = save_tiny_hf_clip(tmp_path)
+    scorer = load_scorer(str(tmp_path))
+    captions, images = shapes_batch("val", 5)
+    scores = scorer.score(captions, images)
+    inputs = processor(text=captions, images=list(images), do_rescale=False, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        reference = model(**inputs).logits_per_text.diagonal() / model.logit_scale.exp()  # cosine of each pair
+    assert torch.allclose(scores, reference, atol=1e-5)
+    assert torch.allclose(scorer.embed_texts(captions).norm(dim=-1), torch.ones(5), atol=1e-5)
