@@ -30,6 +30,10 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "generate": ("lit_dalle.generate:generate", "sample images for captions from a Prior checkpoint into a PNG grid"),
     "tokenize": ("lit_dalle.image_tokens:tokenize", "encode image shards with a frozen DVAE into pre-tokenized shards"),
+    "evaluate": (
+        "lit_dalle.evaluate:evaluate",
+        "sample, rerank and score a Prior: attribute accuracy, CLIP score, FID / IS with blur, best-of-N",
+    ),
     "convert-openai-dvae": (
         "lit_dalle.dvae:convert_openai",
         "convert the released OpenAI dVAE encoder.pkl / decoder.pkl into a DVAE checkpoint",
