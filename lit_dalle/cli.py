@@ -34,6 +34,10 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
         "lit_dalle.evaluate:evaluate",
         "sample, rerank and score a Prior: attribute accuracy, CLIP score, FID / IS with blur, best-of-N",
     ),
+    "quickstart": (
+        "lit_dalle.quickstart:quickstart",
+        "the whole pipeline on the embedded data: DVAE, reranker, tokens, Prior, reranked samples, metrics",
+    ),
     "convert-openai-dvae": (
         "lit_dalle.dvae:convert_openai",
         "convert the released OpenAI dVAE encoder.pkl / decoder.pkl into a DVAE checkpoint",
