@@ -139,10 +139,12 @@ def quickstart(
         t = time.time()
         config = _config("prior")
         config["data"]["init_args"].update(train_shards="runs/tokens/train", val_shards="runs/tokens/val")
-        config["trainer"]["callbacks"].append({
-            "class_path": "lit_dalle.callbacks.SampleLogger",
-            "init_args": {"captions": _captions(), "num_samples": 8, "top": 4, "scorer": clip_ckpt},
-        })  # fmt: skip
+        sampler = {"captions": _captions(), "num_samples": 8, "top": 4, "scorer": clip_ckpt}
+        callbacks = config["trainer"]["callbacks"]
+        entry = next((c for c in callbacks if c["class_path"].endswith("SampleLogger")), None)
+        if entry is None:
+            callbacks.append(entry := {"class_path": "lit_dalle.callbacks.SampleLogger", "init_args": {}})
+        entry.setdefault("init_args", {}).update(sampler)  # reranked grids of fixed seen and held-out captions
         _fit("prior", config, base, prior_minutes, [])
         finish("prior", t)
     if stage(6, "samples", "reranked samples (best 4 of 16) and evaluation"):

@@ -29,8 +29,8 @@ def test_stages_run_in_order_with_the_configs_they_need(recorded, tmp_path, monk
     assert all(not a.startswith("--ckpt_path") for c in recorded for a in c)  # nothing to resume yet
     prior = yaml.safe_load((tmp_path / "runs/quickstart/prior.yaml").read_text())
     assert prior["data"]["init_args"]["train_shards"] == "runs/tokens/train"
-    sampler = prior["trainer"]["callbacks"][-1]
-    assert sampler["class_path"].endswith("SampleLogger") and sampler["init_args"]["scorer"].startswith("runs/clip")
+    samplers = [c for c in prior["trainer"]["callbacks"] if c["class_path"].endswith("SampleLogger")]
+    assert len(samplers) == 1 and samplers[0]["init_args"]["scorer"].startswith("runs/clip")
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()
     with pytest.raises(SystemExit):  # the written config is one the CLI accepts as it is
