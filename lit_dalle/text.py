@@ -222,8 +222,9 @@ def tokenizer_for_fit(
         raise ValueError("no tokenizer: set model.tokenizer, or fit with a data module that has train shards")
     text = train(shards).to_str() if trainer.is_global_zero else None
     tokenizer = TextTokenizer.from_str(trainer.strategy.broadcast(text), dropout)
+    # On every rank: ``trainer.log_dir`` broadcasts, so reading it on rank 0 alone would hang the others.
+    folders = {trainer.log_dir} | {getattr(c, "dirpath", None) for c in trainer.checkpoint_callbacks}
     if trainer.is_global_zero:
-        folders = {trainer.log_dir} | {getattr(c, "dirpath", None) for c in trainer.checkpoint_callbacks}
         for folder in filter(None, folders):
             tokenizer.save(Path(folder) / TOKENIZER_FILE)
     return tokenizer

@@ -70,9 +70,15 @@ class SampleLogger(L.Callback):
         self._scorer: Any = None
         self._last_step = self._sampled_at = -1
         self.written: list[Path] = []
+        self._folder = Path("samples")  # set in setup
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Check the module can sample; load the scorer (a wrong path fails before training starts)."""
+        """Check the module can sample; load the scorer (a wrong path fails before training starts).
+
+        The output folder is resolved here, on every rank: ``trainer.log_dir`` broadcasts under DDP, so
+        reading it later on rank 0 alone would hang the job.
+        """
+        self._folder = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
         if not callable(getattr(pl_module, "generate", None)):
             name = type(pl_module).__name__
             raise TypeError(f"SampleLogger needs a module with generate(captions, ...); {name} has none")
@@ -122,9 +128,8 @@ class SampleLogger(L.Callback):
 
     @rank_zero_only
     def _write(self, trainer: L.Trainer, sheet: Any) -> Path:
-        folder = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"step-{trainer.global_step:07d}.png"
+        self._folder.mkdir(parents=True, exist_ok=True)
+        path = self._folder / f"step-{trainer.global_step:07d}.png"
         sheet.save(path)
         self.written.append(path)
         picture = torch.from_numpy(np.asarray(sheet).copy()).permute(2, 0, 1)
