@@ -192,3 +192,20 @@ def test_generated_tokens_respect_the_image_prefix(trained):
     prefix = torch.randint(0, 64, (2, 8))  # the first 2 rows of a 4 x 4 grid
     tokens = model.generate_tokens(["a red circle"] * 2, image_prefix=prefix, seed=0)
     assert tokens.shape == (2, 4, 4) and torch.equal(tokens.flatten(1)[:, :8], prefix)
+
+
+def test_two_process_ddp_trains_one_tokenizer_and_logs_samples_on_rank_zero(dvae_ckpt, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent / "scripts" / "ddp_prior.py"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    subprocess.run([sys.executable, str(script), dvae_ckpt, str(tmp_path)], check=True, timeout=180, env=env,
+                   capture_output=True)  # fmt: skip
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["tokenizer"] == ranks[1]["tokenizer"]  # trained once on rank 0, broadcast
+    assert ranks[0]["step"] == ranks[1]["step"] == 4
+    assert [Path(p).name for p in ranks[0]["written"]] == ["step-0000002.png", "step-0000004.png"]
+    assert ranks[1]["written"] == []
+    assert (tmp_path / "tb" / "version_0" / "tokenizer.json").is_file()
