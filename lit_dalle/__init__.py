@@ -25,7 +25,7 @@ from lit_dalle.data import (
 )
 from lit_dalle.dvae import DVAE
 from lit_dalle.models.masks import MASK_KINDS, register_mask_kind
-from lit_dalle.plugins import PerResblockScaling
+from lit_dalle.plugins import DDPPowerSGD, PerResblockScaling, ShardedPowerSGD
 from lit_dalle.prior import Prior
 from lit_dalle.text import TextTokenizer
 
@@ -36,6 +36,7 @@ __all__ = [
     "CenterResize",
     "Contrastive",
     "CosineSchedule",
+    "DDPPowerSGD",
     "DVAEAugment",
     "EmbeddedShapes",
     "KLWeightSchedule",
@@ -44,6 +45,7 @@ __all__ = [
     "Prior",
     "PriorAugment",
     "SampleLogger",
+    "ShardedPowerSGD",
     "TemperatureSchedule",
     "TextImageDataModule",
     "TextTokenizer",
