@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,14 +10,12 @@ from conftest import SMALL_SHAPES
 
 from lit_dalle import Contrastive, EmbeddedShapes, TextImageDataModule
 from lit_dalle.contrastive import contrastive_loss, retrieval_top1
-from lit_dalle.data import shapes
+from lit_dalle.evaluate import evaluation_set
 from lit_dalle.rerank import clip_score, load_scorer, rank
 
 
 def shapes_batch(split: str, num: int, seed: int = 7) -> tuple[list[str], torch.Tensor]:
-    samples = list(shapes.generate(split, num, seed=seed, resolution=32))
-    images = torch.stack([torch.from_numpy(np.array(s.image)).permute(2, 0, 1) for s in samples]).float() / 255
-    return [s.caption for s in samples], images
+    return evaluation_set(split, num, 32, seed=seed)
 
 
 def test_contrastive_loss_is_symmetric_infonce_with_repeated_captions_as_positives():
