@@ -236,8 +236,9 @@ class Contrastive(VersionedCheckpoint, L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW (no decay on gains, biases, embeddings, temperature), linear warm-up then cosine decay."""
-        decay = [p for n, p in self.named_parameters() if p.ndim >= 2 and "embed" not in n]
-        no_decay = [p for n, p in self.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            (decay if param.ndim >= 2 and "embed" not in name else no_decay).append(param)
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.hparams.lr, betas=tuple(self.hparams.betas), eps=self.hparams.eps,

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.transforms.functional import gaussian_blur
 
-from lit_dalle.rerank import Scorer, clip_score, load_scorer
+from lit_dalle.rerank import Scorer, caption_scores, clip_score_of, load_scorer
 
 __all__ = ["ScorerFeatures", "ZeroShotLogits", "blur", "evaluate", "evaluation_set"]
 
@@ -246,7 +246,9 @@ def evaluate(
             samples.append(torch.cat(images))
         scores = None
         if scorer is not None:
-            scores = torch.stack([scorer.score([c] * n_max, imgs).cpu() for c, imgs in zip(captions, samples)])
+            scores = torch.stack(
+                [caption_scores(scorer, c, imgs, batch_size).cpu() for c, imgs in zip(captions, samples)]
+            )
         split_out: dict[str, Any] = {
             "reference": {
                 "real images": _attributes(real, captions),
@@ -258,7 +260,7 @@ def evaluate(
             chosen = torch.stack([imgs[i] for imgs, i in zip(samples, pick.tolist())])
             entry: dict[str, Any] = {"attributes": _attributes(chosen, captions)}
             if scorer is not None:
-                entry["clip_score"] = float(clip_score(scorer, captions, chosen))
+                entry["clip_score"] = float(clip_score_of(scores.gather(1, pick[:, None])))  # the chosen ones' cosines
             if fid_features is not None:
                 entry.update(_image_metrics(real, chosen, blur_radii, fid_features, is_features, inception_weights))
             split_out[f"best_of_{n}"] = entry

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["HFCLIPScorer", "Scorer", "clip_score", "load_scorer", "rank"]
+__all__ = ["HFCLIPScorer", "Scorer", "caption_scores", "clip_score", "load_scorer", "rank"]
 
 
 @runtime_checkable
@@ -117,12 +117,17 @@ def load_scorer(path: str, device: str | torch.device = "cpu") -> Scorer:
 
 
 @torch.no_grad()
-def rank(scorer: Scorer, caption: str, images: Tensor, batch_size: int = 64) -> tuple[Tensor, Tensor]:
-    """Order N images ``[N, 3, H, W]`` of one caption best first: (indices ``[N]``, scores ``[N]`` in that order)."""
+def caption_scores(scorer: Scorer, caption: str, images: Tensor, batch_size: int = 64) -> Tensor:
+    """Cosine similarity ``[N]`` of one caption with each of N images ``[N, 3, H, W]`` (the caption embedded once)."""
     text = scorer.embed_texts([caption])[0]
-    scores = torch.cat(
+    return torch.cat(
         [scorer.embed_images(images[s : s + batch_size]) @ text for s in range(0, len(images), batch_size)]
     )
+
+
+def rank(scorer: Scorer, caption: str, images: Tensor, batch_size: int = 64) -> tuple[Tensor, Tensor]:
+    """Order N images ``[N, 3, H, W]`` of one caption best first: (indices ``[N]``, scores ``[N]`` in that order)."""
+    scores = caption_scores(scorer, caption, images, batch_size)
     order = scores.argsort(descending=True)
     return order, scores[order]
 
@@ -131,7 +136,12 @@ def rank(scorer: Scorer, caption: str, images: Tensor, batch_size: int = 64) -> 
 def clip_score(scorer: Scorer, captions: list[str], images: Tensor, batch_size: int = 64) -> Tensor:
     """CLIP score (Hessel et al. 2021, as torchmetrics defines it): mean of 100 * max(cos, 0) over the pairs."""
     scores = [
-        scorer.score(captions[s : s + batch_size], images[s : s + batch_size]).clamp(min=0)
+        scorer.score(captions[s : s + batch_size], images[s : s + batch_size])
         for s in range(0, len(captions), batch_size)
     ]
-    return 100 * torch.cat(scores).mean()
+    return clip_score_of(torch.cat(scores))
+
+
+def clip_score_of(cosines: Tensor) -> Tensor:
+    """CLIP score of pairs whose cosine similarities are already known: mean of 100 * max(cos, 0)."""
+    return 100 * cosines.clamp(min=0).mean()

@@ -81,6 +81,17 @@ class EMA(L.Callback):
         for name, p in _local_params(module).items():
             p.copy_(self.ema[name])
 
+    def _swap_in(self, module: nn.Module) -> None:
+        self._backup = {n: p.clone() for n, p in _local_params(module).items()}
+        self.copy_to(module)
+
+    @torch.no_grad()
+    def _swap_out(self, module: nn.Module) -> None:
+        if self._backup is not None:
+            for name, p in _local_params(module).items():
+                p.copy_(self._backup[name])
+            self._backup = None
+
     @contextmanager
     def applied(self, module: nn.Module) -> Iterator[None]:
         """Run the body with the averaged weights in ``module``, then put the trained weights back.
@@ -90,14 +101,11 @@ class EMA(L.Callback):
         if self.ema is None or self._backup is not None:
             yield
             return
-        backup = {n: p.clone() for n, p in _local_params(module).items()}
-        self.copy_to(module)
+        self._swap_in(module)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for name, p in _local_params(module).items():
-                    p.copy_(backup[name])
+            self._swap_out(module)
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -119,16 +127,11 @@ class EMA(L.Callback):
     @override
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.validate_with_ema and self.ema is not None:
-            self._backup = {n: p.clone() for n, p in _local_params(pl_module).items()}
-            self.copy_to(pl_module)
+            self._swap_in(pl_module)
 
     @override
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._backup is not None:
-            with torch.no_grad():
-                for name, p in _local_params(pl_module).items():
-                    p.copy_(self._backup[name])
-            self._backup = None
+        self._swap_out(pl_module)
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
