@@ -7,6 +7,7 @@ from lit_dalle.callbacks.annealing import (
     TemperatureSchedule,
     cosine,
 )
+from lit_dalle.callbacks.checkpoint import ModelCheckpoint
 from lit_dalle.callbacks.ema import EMA, ema_state_dict, load_with_ema
 from lit_dalle.callbacks.plateau import WarmupHalveOnPlateau
 from lit_dalle.callbacks.samples import SampleLogger
@@ -16,6 +17,7 @@ __all__ = [
     "CosineSchedule",
     "KLWeightSchedule",
     "LearningRateSchedule",
+    "ModelCheckpoint",
     "SampleLogger",
     "TemperatureSchedule",
     "WarmupHalveOnPlateau",
