@@ -80,6 +80,11 @@ class DVAE(VersionedCheckpoint, L.LightningModule):
         eps: AdamW epsilon (A.5).
         weight_decay: AdamW weight decay (A.5).
         logit_laplace_eps: eps of the pixel map phi (A.4, Eq. 3).
+        min_log_scale: floor on the decoder's ln b (None: none, as in the paper). On data with exactly flat
+            regions (the embedded dataset's plain background) the continuous logit-Laplace density is
+            unbounded: b shrinks towards 0 there, the NLL of those pixels dominates the loss, and their
+            1 / b gradients dominate Adam's normaliser, so the few object pixels (their colours) stop being
+            learned. A floor (as PixelCNN++ puts on its log-scales) bounds both; see configs/dvae.yaml.
         num_logged_images: originals and reconstructions in the validation image grid (0: none).
         channels_last: keep weights and activations channels-last (NHWC) from `setup` on: faster
             convolutions with oneDNN on CPUs (~1.3x measured here) and with tensor cores on GPUs.
@@ -101,6 +106,7 @@ class DVAE(VersionedCheckpoint, L.LightningModule):
         eps: float = 1e-8,
         weight_decay: float = 1e-4,
         logit_laplace_eps: float = 0.1,
+        min_log_scale: float | None = None,
         num_logged_images: int = 8,
         channels_last: bool = False,
     ) -> None:
@@ -213,6 +219,8 @@ class DVAE(VersionedCheckpoint, L.LightningModule):
         """
         x = self.map_pixels(images.float())
         mu, log_b = params.float().chunk(2, dim=1)
+        if self.hparams.get("min_log_scale") is not None:
+            log_b = log_b.clamp_min(self.hparams.min_log_scale)
         logit_x = torch.log(x) - torch.log1p(-x)
         return math.log(2) + log_b + torch.log(x * (1 - x)) + (logit_x - mu).abs() * torch.exp(-log_b)
 

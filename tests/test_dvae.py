@@ -59,6 +59,34 @@ def test_nll_is_the_logit_laplace_density():
     torch.testing.assert_close(model.nll(params, images), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_min_log_scale_floors_b_cell_by_cell():
+    # Below the floor every value is scored at b = exp(floor) and ln b gets no gradient; above it, nothing changes.
+    floor = -1.0
+    model = DVAE(**TINY, channels=1, min_log_scale=floor)
+    images = torch.rand(2, 1, 4, 4)
+    params = torch.randn(2, 2, 4, 4) * 2
+    params[:, 1, ::2] = -4.0  # half the cells far below the floor
+    params.requires_grad_(True)
+    nll = model.nll(params, images)
+    x = 0.8 * images + 0.1
+    mu, log_b = params.detach().chunk(2, 1)
+    b = log_b.clamp_min(floor).exp()
+    expected = -(torch.distributions.Laplace(mu, b).log_prob(torch.logit(x)) - torch.log(x * (1 - x)))
+    torch.testing.assert_close(nll, expected, rtol=1e-5, atol=1e-5)
+    # The density is bounded: nll >= ln(2 b_min) + ln(x (1 - x)), which the unfloored model can go below.
+    assert (nll >= math.log(2) + floor + torch.log(x * (1 - x)) - 1e-6).all()
+    nll.sum().backward()
+    below = log_b < floor
+    assert below.any() and (params.grad[:, 1:][below] == 0).all()
+    unfloored = DVAE(**TINY, channels=1)
+    p2 = params.detach().clone().requires_grad_(True)
+    unfloored.nll(p2, images).sum().backward()
+    torch.testing.assert_close(params.grad[:, 1:][~below], p2.grad[:, 1:][~below])
+    # mu's gradient is 1 / b: the floored one where b was floored, the model's own elsewhere.
+    torch.testing.assert_close(params.grad[:, :1][~below], p2.grad[:, :1][~below])
+    assert (params.grad[:, :1][below].abs() <= math.exp(-floor) + 1e-6).all()
+
+
 def test_kl_to_uniform():
     k = 16
     assert DVAE.kl_to_uniform(torch.zeros(1, k, 2, 2)).abs().max() < 1e-6
