@@ -30,7 +30,7 @@ def evaluate(prior: torch.nn.Module, split: str, num: int, batch: int, seed: int
     resolution = prior.hparams.image_size
     samples = list(shapes.generate(split, num, seed=seed + 1, resolution=resolution))  # type: ignore[arg-type]
     captions = [s.caption for s in samples]
-    real = torch.stack([torch.from_numpy(np.asarray(s.image)).permute(2, 0, 1) for s in samples])
+    real = torch.stack([torch.from_numpy(np.array(s.image)).permute(2, 0, 1) for s in samples])
     real = real.float() / 255
     recon, generated = [], []
     for start in range(0, num, batch):
