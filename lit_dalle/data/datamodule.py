@@ -62,6 +62,13 @@ class TextImageDataModule(L.LightningDataModule):
         seed: seed of the shard-order shuffle.
         pin_memory: pin batches in page-locked memory (for CUDA).
         embedded: the embedded dataset used when ``train_shards`` is None.
+
+    With several processes, validation and test shards of their own (and the embedded data's) are split by
+    sample, not by shard: every rank runs the same number of batches, which sharded models need (every
+    forward is collective), and a split of fewer shards than ranks leaves no rank idle. Each rank reads the
+    whole split for this, and the last (fewer than world size) samples are left out. A ``val_fraction``
+    split of the training shards stays split by shard (reading all training shards on every rank would
+    cost too much), so its ranks may run unequal numbers of batches.
     """
 
     def __init__(
@@ -209,6 +216,7 @@ class TextImageDataModule(L.LightningDataModule):
             key_filter=key_filter,
             samples_per_epoch=self.samples_per_epoch if train else None,
             decode=partial(type(self).decode_sample, normalize=type(self).normalize_caption),
+            split_by="sample" if not train and key_filter is None and world > 1 else "shard",
             **self.aspect,
         )
 

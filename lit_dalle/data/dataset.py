@@ -4,7 +4,10 @@ Each epoch, the shard list is shuffled with a seed shared by every rank (seed + 
 takes shards r, r + W, ... and worker k of K of that rank takes every K-th of those. Every shard is read
 by exactly one worker of one rank, so every sample is seen exactly once per epoch (unless
 ``samples_per_epoch`` asks for a fixed-length, repeating stream, which keeps ranks in lock step when
-shards hold unequal numbers of samples). Batching happens in the workers. Skipped samples are counted
+shards hold unequal numbers of samples). Evaluation data can instead be split by sample
+(``split_by="sample"``): every worker reads all the shards, and sample i of the valid stream goes to rank
+i mod W, so every rank yields the same number of samples and batches whatever the shard sizes.
+Batching happens in the workers. Skipped samples are counted
 in a shared-memory table with one row per worker (no two writers share a row), which the main process
 reads with ``skip_counts()``.
 """
@@ -16,7 +19,7 @@ import itertools
 import logging
 import random
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import webdataset as wds
@@ -49,6 +52,13 @@ def collate(samples: list[Sample]) -> dict[str, Any]:
     }
 
 
+class _UncountedSkips(SkipCounter):
+    """Skips that another reader counts and reports (``split_by="sample"``: all readers see all samples)."""
+
+    def skip(self, reason: str, where: str, detail: str = "") -> None:
+        """Ignore: rank 0's first worker records this skip."""
+
+
 class ShardDataset(IterableDataset):
     """Batches of decoded, augmented samples streamed from tar shards.
 
@@ -68,6 +78,12 @@ class ShardDataset(IterableDataset):
             epoch from a repeating stream instead of one exact pass.
         decode: turns a raw shard sample into a `Sample` or None (see `decode_sample`); it runs in the
             loader workers, so it must pickle (a module-level function, a staticmethod, a partial of one).
+        split_by: "shard" (each shard read by one worker of one rank) or "sample" (an exact pass where
+            every worker reads every shard and valid sample i goes to rank i mod W, then to that rank's
+            workers in turn; the last i >= W * (N // W) are left out, so all ranks yield N // W samples
+            in equal batches). "sample" reads the data W x K times: meant for evaluation splits, where
+            ranks must run the same number of batches (sharded models) and a few shards must not leave
+            ranks idle. Not with ``samples_per_epoch``.
     """
 
     def __init__(
@@ -86,8 +102,14 @@ class ShardDataset(IterableDataset):
         max_aspect_ratio: float = 2.0,
         samples_per_epoch: int | None = None,
         decode: Callable[..., Sample | None] = decode_sample,
+        split_by: Literal["shard", "sample"] = "shard",
     ) -> None:
         super().__init__()
+        if split_by not in ("shard", "sample"):
+            raise ValueError(f"split_by={split_by!r}: use 'shard' or 'sample'")
+        if split_by == "sample" and samples_per_epoch is not None:
+            raise ValueError("split_by='sample' is an exact pass: leave samples_per_epoch unset")
+        self.split_by = split_by
         self.decode = decode
         self.shards, self.transform, self.batch_size = list(shards), transform, batch_size
         self.rank, self.world_size = rank, world_size
@@ -100,7 +122,10 @@ class ShardDataset(IterableDataset):
         self._skips = torch.zeros(_MAX_WORKERS, len(SKIP_REASONS), dtype=torch.int64).share_memory_()
 
     def skip_counts(self) -> dict[str, int]:
-        """Samples skipped so far, per reason, summed over this rank's workers (cumulative)."""
+        """Samples skipped so far, per reason, summed over this rank's workers (cumulative).
+
+        With ``split_by="sample"`` rank 0 holds the whole split's counts and the other ranks none.
+        """
         return {reason: int(n) for reason, n in zip(SKIP_REASONS, self._skips.sum(0)) if n > 0}
 
     def set_epoch(self, epoch: int) -> None:
@@ -124,6 +149,8 @@ class ShardDataset(IterableDataset):
         shards = list(self.shards)
         if self.shuffle:
             random.Random(self.seed + int(self._epoch)).shuffle(shards)
+        if self.split_by == "sample":
+            return shards  # every worker reads everything; `_sample_split` picks its share
         rank_shards = shards[self.rank :: self.world_size]
         if self.samples_per_epoch is not None and not rank_shards:
             rank_shards = [shards[self.rank % len(shards)]]
@@ -170,14 +197,35 @@ class ShardDataset(IterableDataset):
                 log.error("shards %s yielded no valid sample in a whole pass; stopping this worker", shards)
                 return
 
+    def _sample_split(self, samples: Iterator[Sample], worker: int, num_workers: int) -> Iterator[Sample]:
+        """This worker's share of a stream every worker of every rank reads whole (``split_by="sample"``).
+
+        The stream is cut into rounds of W samples; sample ``rank`` of round j goes to this rank, and to its
+        worker j mod K. A sample is released only once its round is complete, so the final, incomplete
+        round is left out on every rank alike.
+        """
+        pending: Sample | None = None
+        for i, sample in enumerate(samples):
+            round_, slot = divmod(i, self.world_size)
+            if slot == self.rank and round_ % num_workers == worker:
+                pending = sample
+            if slot == self.world_size - 1 and pending is not None:
+                yield pending
+                pending = None
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """Yield batches (see ``collate``) from this worker's shards."""
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         shards = self.worker_shards(worker, num_workers)
-        skips = SkipCounter(sink=self._skips[worker % _MAX_WORKERS])
-        if self.samples_per_epoch is None:
-            samples: Iterator[Sample] = self._samples(shards, skips)
+        if self.split_by == "sample" and (self.rank, worker) != (0, 0):
+            skips: SkipCounter = _UncountedSkips()  # every reader sees every skip: rank 0's worker 0 counts them
+        else:
+            skips = SkipCounter(sink=self._skips[worker % _MAX_WORKERS])
+        if self.split_by == "sample":
+            samples: Iterator[Sample] = self._sample_split(self._samples(shards, skips), worker, num_workers)
+        elif self.samples_per_epoch is None:
+            samples = self._samples(shards, skips)
         else:
             per_worker = self.samples_per_epoch // self.world_size // num_workers
             per_worker += int(worker < (self.samples_per_epoch // self.world_size) % num_workers)

@@ -24,8 +24,10 @@ on CPU, NCCL on GPUs) on a 2-D device mesh ``(replicate, shard) = (nodes, device
 
 Every forward is collective under sharding (FSDP2 all-gathers), so every rank must run the same number of
 batches in every loop, validation included (DDP tolerates uneven validation, this does not: the rank with the
-extra batch waits until ``timeout_s``). With `TextImageDataModule`, give each split at least one shard per rank
-or set ``samples_per_epoch``; otherwise ``limit_val_batches=0``.
+extra batch waits until ``timeout_s``). `TextImageDataModule` splits validation and test shards by sample,
+which gives every rank equal batches. Training by shard is exact-pass: give it ``samples_per_epoch`` (or
+shards of equal size, a multiple of the world size). A ``val_fraction`` split of the training shards is
+split by shard: cap it with ``limit_val_batches``.
 
 Simulating nodes on one machine: ``devices_per_node`` splits ``trainer.devices * trainer.num_nodes`` processes
 into nodes of that size (``devices=4, devices_per_node=2``: 2 nodes of 2). Left None, a node is the

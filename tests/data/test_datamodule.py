@@ -103,3 +103,21 @@ def test_images_become_float_on_the_device_and_skips_reach_tensorboard(make_shar
     last = {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"]}
     assert last["data/skipped_aspect_ratio"] == 3 and last["data/skipped_empty_caption"] == 1
     assert last["data/skipped_total"] == 4 and last["data/skipped_undecodable_image"] == 0
+
+
+def test_validation_shards_are_split_by_sample_across_ranks(make_shards):
+    # One validation shard, two ranks: both validate (none idle), on equal batches, disjoint samples.
+    train = make_shards([good_record(f"t{i}") for i in range(8)], name="train")
+    val = make_shards([good_record(f"v{i:02d}") for i in range(9)], name="val", per_shard=9)
+    per_rank = []
+    for rank in (0, 1):
+        data = TextImageDataModule(
+            train_shards=train, val_shards=val, resolution=16, batch_size=4, val_batch_size=2, num_workers=0
+        )
+        data._rank_world = lambda rank=rank: (rank, 2)
+        data.setup("fit")
+        per_rank.append([b["key"] for b in data.val_dataloader()])
+        assert data._datasets["val"].split_by == "sample"
+    assert [len(batches) for batches in per_rank] == [2, 2]
+    keys = [k for batches in per_rank for b in batches for k in b]
+    assert len(keys) == len(set(keys)) == 8  # 9 samples, 2 ranks: the last, incomplete round is left out

@@ -83,3 +83,32 @@ def test_ddp_two_processes_two_workers_see_each_sample_once(shards, tmp_path, de
         assert len(seen) == len(set(seen)) == 96  # every sample exactly once over 2 ranks x 2 workers
     else:
         assert len(seen) == per_epoch and ranks[0]["steps"] == ranks[1]["steps"]
+
+
+@pytest.mark.parametrize(("world", "workers"), [(2, 0), (3, 2), (4, 1)])
+def test_sample_split_gives_every_rank_equal_batches_from_uneven_shards(make_shards, world, workers):
+    records = [good_record(f"k{i:03d}") for i in range(25)]
+    records.insert(7, {"__key__": "bad", "png": b"not an image", "txt": "x"})  # skipped, counted once
+    uneven = make_shards(records, per_shard=11)  # shards of 11, 11, 4: fewer shards than 4 ranks
+    per_rank, batches, skipped = [], [], 0
+    for rank in range(world):
+        ds = ShardDataset(uneven, CenterResize(8), 3, rank=rank, world_size=world, shuffle=False, split_by="sample")
+        loader = EpochDataLoader(ds, num_workers=workers)
+        got = [batch["key"] for batch in loader]
+        per_rank.append([k for keys in got for k in keys])
+        batches.append(len(got))
+        skipped += sum(ds.skip_counts().values())
+    valid = [r["__key__"] for r in records if r["__key__"] != "bad"]
+    kept = len(valid) // world * world  # the last, incomplete round of `world` samples is left out
+    assert [len(keys) for keys in per_rank] == [kept // world] * world
+    assert len(set(batches)) == 1  # the same number of batches on every rank: sharded models need it
+    seen = [k for keys in per_rank for k in keys]
+    assert len(seen) == len(set(seen)) and set(seen) == set(valid[:kept])
+    assert skipped == 1  # every reader meets the bad sample; only rank 0's first worker counts it
+
+
+def test_split_by_is_checked():
+    with pytest.raises(ValueError, match="split_by='rows'"):
+        ShardDataset([], CenterResize(8), 4, split_by="rows")
+    with pytest.raises(ValueError, match="samples_per_epoch"):
+        ShardDataset([], CenterResize(8), 4, split_by="sample", samples_per_epoch=10)

@@ -92,25 +92,35 @@ if __name__ == "__main__":
                      "errors_finite": all(bool(torch.isfinite(e).all()) for e in errors),
                      "params_finite": all(bool(torch.isfinite(p).all()) for p in params)}  # fmt: skip
 
-    # TextImageDataModule under this strategy: every rank reads its own shards (split by global rank).
+    # TextImageDataModule under this strategy: every rank reads its own shards (split by global rank) in
+    # training; validation has one shard for 4 ranks, split by sample so each rank runs the same number of
+    # batches (a collective per batch, as a sharded forward is, would hang otherwise).
     class Keys(L.LightningModule):
         def __init__(self):
             super().__init__()
             self.net = torch.nn.Linear(3, 1)
-            self.seen = []
+            self.seen, self.val_seen, self.val_batches = [], [], 0
 
         def training_step(self, batch, batch_idx):
             self.seen.extend(batch["key"])
             return self.net(batch["image"].mean(dim=(2, 3))).pow(2).mean()
 
+        def validation_step(self, batch, batch_idx):
+            if not self.trainer.sanity_checking:
+                self.val_seen.extend(batch["key"])
+            self.val_batches = int(self.trainer.strategy.reduce(torch.tensor(1.0), reduce_op="sum"))
+
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     keys = Keys()
-    data = TextImageDataModule(train_shards=shard_dir, resolution=16, batch_size=4, num_workers=0)
+    val_shard = sorted(Path(shard_dir).glob("*.tar"))[0]  # 4 samples
+    data = TextImageDataModule(
+        train_shards=shard_dir, val_shards=str(val_shard), resolution=16, batch_size=4, val_batch_size=1, num_workers=0
+    )
     strategy = ShardedPowerSGD(rank=None, devices_per_node=2, timeout_s=60)
     trainer = L.Trainer(accelerator="cpu", devices=4, strategy=strategy, max_epochs=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     trainer.fit(keys, data)
-    result["keys"] = keys.seen
+    result["keys"], result["val_keys"] = keys.seen, keys.val_seen
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))

@@ -100,3 +100,6 @@ def test_text_image_data_module_gives_each_sample_to_one_rank(runs):
     keys = [k for result in runs["ranks"] for k in result["keys"]]
     assert len(keys) == 32 and len(set(keys)) == 32
     assert all(result["keys"] for result in runs["ranks"])
+    val = [result["val_keys"] for result in runs["ranks"]]
+    assert [len(keys) for keys in val] == [1, 1, 1, 1]  # one shard of 4, split by sample: no rank idle
+    assert len({k for keys in val for k in keys}) == 4
