@@ -81,6 +81,7 @@ class EMA(L.Callback):
         for name, p in _local_params(module).items():
             p.copy_(self.ema[name])
 
+    @torch.no_grad()
     def _swap_in(self, module: nn.Module) -> None:
         self._backup = {n: p.clone() for n, p in _local_params(module).items()}
         self.copy_to(module)

@@ -172,8 +172,8 @@ class ShardDataset(IterableDataset):
             if errors:
                 skips.skip("truncated_shard", url, f"{type(errors[0]).__name__}: {errors[0].args[0]}")
 
-    def _samples(self, shards: list[str], skips: SkipCounter) -> Iterator[Sample]:
-        """Decoded, filtered, augmented samples of the given shards, in file order."""
+    def _samples(self, shards: list[str], skips: SkipCounter, transform: bool = True) -> Iterator[Sample]:
+        """Decoded, filtered samples of the given shards, in file order; augmented unless ``transform`` is False."""
         for raw in self._raw_samples(shards, skips):
             if self.key_filter is not None and not self.key_filter(raw["__key__"]):
                 continue
@@ -182,9 +182,12 @@ class ShardDataset(IterableDataset):
                 raw, skips, min_aspect_ratio=self.aspect[0], max_aspect_ratio=self.aspect[1], min_side=min_side
             )
             if sample is not None:
-                if sample.image is not None:  # pre-tokenized samples were cropped when tokenized
-                    sample.image = self.transform(sample.image)
-                yield sample
+                yield self._transformed(sample) if transform else sample
+
+    def _transformed(self, sample: Sample) -> Sample:
+        if sample.image is not None:  # pre-tokenized samples were cropped when tokenized
+            sample.image = self.transform(sample.image)
+        return sample
 
     def _repeat(self, shards: list[str], skips: SkipCounter) -> Iterator[Sample]:
         """Pass over the shards again and again; stop if a whole pass yields nothing (all bad)."""
@@ -208,7 +211,7 @@ class ShardDataset(IterableDataset):
         for i, sample in enumerate(samples):
             round_, slot = divmod(i, self.world_size)
             if slot == self.rank and round_ % num_workers == worker:
-                pending = sample
+                pending = self._transformed(sample)  # only this reader's share is resized
             if slot == self.world_size - 1 and pending is not None:
                 yield pending
                 pending = None
@@ -223,7 +226,8 @@ class ShardDataset(IterableDataset):
         else:
             skips = SkipCounter(sink=self._skips[worker % _MAX_WORKERS])
         if self.split_by == "sample":
-            samples: Iterator[Sample] = self._sample_split(self._samples(shards, skips), worker, num_workers)
+            every = self._samples(shards, skips, transform=False)  # decoded, so all readers agree on validity
+            samples: Iterator[Sample] = self._sample_split(every, worker, num_workers)
         elif self.samples_per_epoch is None:
             samples = self._samples(shards, skips)
         else:

@@ -86,7 +86,7 @@ def test_ddp_two_processes_two_workers_see_each_sample_once(shards, tmp_path, de
 
 
 @pytest.mark.parametrize(("world", "workers"), [(2, 0), (3, 2), (4, 1)])
-def test_sample_split_gives_every_rank_equal_batches_from_uneven_shards(make_shards, world, workers):
+def test_sample_split_gives_every_rank_equal_loadedfrom_uneven_shards(make_shards, world, workers):
     records = [good_record(f"k{i:03d}") for i in range(25)]
     records.insert(7, {"__key__": "bad", "png": b"not an image", "txt": "x"})  # skipped, counted once
     uneven = make_shards(records, per_shard=11)  # shards of 11, 11, 4: fewer shards than 4 ranks
@@ -94,7 +94,9 @@ def test_sample_split_gives_every_rank_equal_batches_from_uneven_shards(make_sha
     for rank in range(world):
         ds = ShardDataset(uneven, CenterResize(8), 3, rank=rank, world_size=world, shuffle=False, split_by="sample")
         loader = EpochDataLoader(ds, num_workers=workers)
-        got = [batch["key"] for batch in loader]
+        loaded = list(loader)
+        assert all(tuple(b["image"].shape[-2:]) == (8, 8) for b in loaded)  # this reader's share is resized
+        got = [batch["key"] for batch in loaded]
         per_rank.append([k for keys in got for k in keys])
         batches.append(len(got))
         skipped += sum(ds.skip_counts().values())
